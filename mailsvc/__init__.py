@@ -1,0 +1,1 @@
+"""mailsvc: a gRPC mail service."""

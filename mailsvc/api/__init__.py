@@ -1,0 +1,1 @@
+"""gRPC layer: servicers, interceptors, status mapping."""

@@ -1,0 +1,96 @@
+"""One interceptor for every RPC of ours: authenticate, map errors to status, log access."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from mailsvc.api.status import internal_status, to_status
+from mailsvc.auth import Principal, TokenVerifier
+from mailsvc.errors import MailsvcError
+
+log = logging.getLogger("mailsvc.access")
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass
+class CallInfo:
+    """Per-call facts the servicer and the access log share."""
+
+    principal: Principal
+    message_id: str = ""
+
+
+_call: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("mailsvc_call")
+
+
+def current_call() -> CallInfo:
+    return _call.get()
+
+
+def _authorization(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self._verifier = verifier
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or handler.unary_unary is None or method.startswith(_PUBLIC_PREFIXES):
+            return handler
+        inner = handler.unary_unary
+        verifier = self._verifier
+        authorization = _authorization(details.invocation_metadata)
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = "OK"
+            info: CallInfo | None = None
+            try:
+                info = CallInfo(verifier.principal(authorization))
+                _call.set(info)
+                return await inner(request, context)
+            except MailsvcError as exc:
+                code = exc.code
+                status = to_status(exc)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                code = "CANCELLED"
+                raise
+            except Exception:
+                code = "INTERNAL"
+                log.exception("unexpected error in %s", method)
+                status = internal_status()
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            finally:
+                log.info(
+                    "rpc method=%s caller=%s code=%s duration_ms=%.1f message_id=%s",
+                    method,
+                    info.principal.sub if info else "-",
+                    code,
+                    (time.perf_counter() - start) * 1000,
+                    (info.message_id if info else "") or "-",
+                )
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,117 @@
+"""Composing a mail from a request or a template: every field validated, nothing sent."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import parseaddr
+from typing import Any
+
+from mailsvc.auth import Principal
+from mailsvc.config import Config
+from mailsvc.errors import FieldViolation, NotFound, PermissionDenied
+from mailsvc.message import (
+    Address,
+    Mail,
+    check_attachments,
+    check_header_text,
+    parse_address,
+    parse_addresses,
+    raise_if,
+)
+from mailsvc.store import Snapshot
+from mailsvc.templates import CompiledTemplate
+from mailsvc.v1.settings_pb2 import MailSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailRequest:
+    """What a caller asked for, before validation (the From is never the caller's)."""
+
+    to: Sequence[str]
+    cc: Sequence[str] = ()
+    bcc: Sequence[str] = ()
+    subject: str = ""
+    text: str = ""
+    html: str = ""
+    reply_to: str = ""
+    attachments: Iterable[tuple[str, str, bytes, str]] = ()
+    sender: Address | str = ""
+
+
+def sender_of(settings: MailSettings, config: Config) -> Address:
+    """The From the operator configured: the settings' default_from, else the server's."""
+    value = settings.default_from or config.default_from
+    name, addr = parseaddr(value)
+    return Address(name, addr or value)
+
+
+def check_mail(request: MailRequest) -> Mail:
+    """Validate every field; all bad fields are reported together, nothing is sent."""
+    v: list[FieldViolation] = []
+    to = parse_addresses(request.to, "to", v)
+    cc = parse_addresses(request.cc, "cc", v)
+    bcc = parse_addresses(request.bcc, "bcc", v)
+    if not request.to:
+        v.append(FieldViolation("to", "at least one recipient is required"))
+    check_header_text(request.subject, "subject", v)
+    if not request.text and not request.html:
+        v.append(FieldViolation("text", "at least one of text and html is required"))
+    reply_to: Address | None = None
+    if request.reply_to:
+        reply_to = parse_address(request.reply_to, "reply_to", v)
+    attachments = check_attachments(request.attachments, v)
+    sender = (
+        parse_address(request.sender, "from_address", v)
+        if isinstance(request.sender, str)
+        else request.sender
+    )
+    raise_if(v)
+    assert sender is not None
+    return Mail(
+        sender=sender,
+        to=to,
+        cc=cc,
+        bcc=bcc,
+        subject=request.subject,
+        text=request.text,
+        html=request.html,
+        reply_to=reply_to,
+        attachments=attachments,
+    )
+
+
+def template_for(snapshot: Snapshot, name: str, principal: Principal) -> CompiledTemplate:
+    """The compiled template, if it exists and the caller may use it."""
+    template = snapshot.templates.get(name)
+    if template is None:
+        raise NotFound(f"no template named {name!r}", reason="TEMPLATE_NOT_FOUND")
+    if not principal.has_any(template.roles):
+        raise PermissionDenied(f"caller {principal.sub!r} may not use template {name!r}")
+    return template
+
+
+def compose_templated(
+    snapshot: Snapshot,
+    config: Config,
+    template: CompiledTemplate,
+    parameters: Mapping[str, Any],
+    *,
+    to: Sequence[str] = (),
+    cc: Sequence[str] = (),
+    bcc: Sequence[str] = (),
+) -> Mail:
+    """Render the template and validate the result like a SendMail request."""
+    rendered = template.render(parameters)
+    sender: Address | str = rendered.from_address or sender_of(snapshot.settings, config)
+    return check_mail(
+        MailRequest(
+            to=[*rendered.to, *to],
+            cc=[*rendered.cc, *cc],
+            bcc=[*rendered.bcc, *bcc],
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            sender=sender,
+        )
+    )

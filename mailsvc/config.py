@@ -1,0 +1,107 @@
+"""Server configuration: built once from flags and environment, then passed down."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything `mailsvc serve` needs to know, fixed at start."""
+
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("data")
+    default_from: str = "no-reply@localhost"
+    jwt_secret_file: Path | None = None
+    mailgun_base_url: str | None = None
+    dev: bool = False
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    smtp_timeout: float = 30.0
+    grace_seconds: float = 30.0
+
+    @property
+    def settings_path(self) -> Path:
+        return self.data_dir / "settings.json"
+
+    @property
+    def acl_path(self) -> Path:
+        return self.data_dir / "acl.json"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.jwt_secret_file or self.data_dir / "jwt-secret"
+
+
+def env_flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by `serve` and `token`: where the data and the JWT secret live."""
+    parser.add_argument("--data-dir", help="data directory (env MAILSVC_DATA_DIR; default ./data)")
+    parser.add_argument(
+        "--jwt-secret-file",
+        help="file holding the JWT secret (env MAILSVC_JWT_SECRET_FILE; "
+        "default <data-dir>/jwt-secret)",
+    )
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    add_common_flags(parser)
+    parser.add_argument("--listen", help="address to listen on (env MAILSVC_LISTEN)")
+    parser.add_argument("--default-from", help="From of mail (env MAILSVC_DEFAULT_FROM)")
+    parser.add_argument(
+        "--mailgun-base-url", help="Mailgun API base URL (env MAILSVC_MAILGUN_BASE_URL)"
+    )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        default=None,
+        help="dev mode: unsent mail goes to <data-dir>/outbox (env MAILSVC_DEV=1)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=int,
+        help="largest message accepted, in bytes (env MAILSVC_MAX_MESSAGE_BYTES; default 10 MiB)",
+    )
+
+
+def _pick(arg: object, environ: Mapping[str, str], name: str) -> str | None:
+    if arg is not None:
+        return str(arg)
+    value = environ.get(name)
+    return value if value else None
+
+
+def data_dir_and_secret(
+    args: argparse.Namespace, environ: Mapping[str, str]
+) -> tuple[Path, Path | None]:
+    data_dir = Path(_pick(args.data_dir, environ, "MAILSVC_DATA_DIR") or "data")
+    secret_file = _pick(args.jwt_secret_file, environ, "MAILSVC_JWT_SECRET_FILE")
+    return data_dir, Path(secret_file) if secret_file else None
+
+
+def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Build the serve configuration: flags win over their env twins, then the defaults."""
+    data_dir, secret_file = data_dir_and_secret(args, environ)
+    max_bytes = _pick(args.max_message_bytes, environ, "MAILSVC_MAX_MESSAGE_BYTES")
+    dev = args.dev if args.dev is not None else env_flag(environ.get("MAILSVC_DEV"))
+    return Config(
+        listen=_pick(args.listen, environ, "MAILSVC_LISTEN") or Config.listen,
+        data_dir=data_dir,
+        default_from=_pick(args.default_from, environ, "MAILSVC_DEFAULT_FROM")
+        or Config.default_from,
+        jwt_secret_file=secret_file,
+        mailgun_base_url=_pick(args.mailgun_base_url, environ, "MAILSVC_MAILGUN_BASE_URL"),
+        dev=bool(dev),
+        max_message_bytes=int(max_bytes) if max_bytes else DEFAULT_MAX_MESSAGE_BYTES,
+    )

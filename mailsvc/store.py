@@ -1,0 +1,161 @@
+"""SettingsStore: the settings and ACL files, loaded once, served from memory, written safely."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from mailsvc import settings as rules
+from mailsvc.errors import Aborted, InvalidArgument
+from mailsvc.templates import CompiledTemplate, TemplateEngine
+from mailsvc.v1.settings_pb2 import MailSettings, SettingsAcl
+
+M = TypeVar("M", bound=Message)
+
+
+class SettingsFileError(Exception):
+    """A settings or ACL file exists but cannot be used; the server must not start."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One version of the settings with everything derived from it; never mutated."""
+
+    settings: MailSettings
+    etag: str
+    acl: SettingsAcl
+    templates: Mapping[str, CompiledTemplate] = field(default_factory=dict)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _to_json(message: Message) -> bytes:
+    return (json_format.MessageToJson(message, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _read(path: Path, message: M) -> tuple[M, bytes] | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SettingsFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        json_format.Parse(data.decode("utf-8"), message)
+    except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
+        raise SettingsFileError(f"{path}: not valid settings JSON: {exc}") from exc
+    return message, data
+
+
+class SettingsStore:
+    """Reads are from memory; writes are serialized in-process and across processes."""
+
+    def __init__(self, data_dir: Path, engine: TemplateEngine) -> None:
+        self._settings_path = data_dir / "settings.json"
+        self._acl_path = data_dir / "acl.json"
+        self._lock_path = data_dir / ".settings.lock"
+        self._engine = engine
+        self._lock = asyncio.Lock()
+        self._listeners: list[Callable[[Snapshot], None]] = []
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._snapshot = self._load()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def on_change(self, listener: Callable[[Snapshot], None]) -> None:
+        self._listeners.append(listener)
+
+    def _load(self) -> Snapshot:
+        loaded = _read(self._settings_path, MailSettings())
+        settings, data = loaded if loaded else (MailSettings(), b"")
+        acl_loaded = _read(self._acl_path, SettingsAcl())
+        acl = acl_loaded[0] if acl_loaded else SettingsAcl()
+        compiled, violations = rules.check(settings, self._engine)
+        if violations:
+            listed = "; ".join(f"{v.field}: {v.description}" for v in violations)
+            raise SettingsFileError(f"{self._settings_path}: invalid settings: {listed}")
+        etag = settings.etag or hashlib.sha256(data).hexdigest()[:16]
+        settings.ClearField("etag")
+        return Snapshot(settings, etag, acl, compiled)
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _publish(self, snapshot: Snapshot) -> Snapshot:
+        self._snapshot = snapshot
+        for listener in self._listeners:
+            listener(snapshot)
+        return snapshot
+
+    async def update(
+        self, change: Callable[[MailSettings], MailSettings], etag: str = ""
+    ) -> Snapshot:
+        """Apply `change` to the current settings if `etag` (when given) is current; persist."""
+        async with self._lock:
+            snapshot = await asyncio.to_thread(self._update_locked, change, etag)
+            return self._publish(snapshot)
+
+    def _update_locked(self, change: Callable[[MailSettings], MailSettings], etag: str) -> Snapshot:
+        with self._file_lock():
+            current = self._load()  # another process may have written since we last looked
+            if etag and etag != current.etag:
+                raise Aborted("etag does not match the stored settings: read them again and retry")
+            new = change(current.settings)
+            compiled, violations = rules.check(new, self._engine)
+            if violations:
+                raise InvalidArgument(violations)
+            stored = rules.for_storage(new)
+            stored.etag = secrets.token_hex(8)
+            _atomic_write(self._settings_path, _to_json(stored))
+            etag = stored.etag
+            stored.ClearField("etag")
+            return Snapshot(stored, etag, current.acl, compiled)
+
+    async def update_acl(self, acl: SettingsAcl) -> Snapshot:
+        async with self._lock:
+
+            def write() -> Snapshot:
+                with self._file_lock():
+                    current = self._load()
+                    _atomic_write(self._acl_path, _to_json(acl))
+                    return Snapshot(current.settings, current.etag, acl, current.templates)
+
+            return self._publish(await asyncio.to_thread(write))

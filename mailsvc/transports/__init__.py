@@ -1,0 +1,1 @@
+"""Transports: SMTP, Mailgun and the dev maildir."""

@@ -1,0 +1,111 @@
+"""Mailgun transport: POST {base}/v3/{domain}/messages with one shared httpx client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from mailsvc.errors import (
+    FailedPrecondition,
+    MailsvcError,
+    RateLimited,
+    ResourceExhausted,
+    Unavailable,
+)
+from mailsvc.message import Mail
+from mailsvc.transports.base import Delivery, check_size
+
+REGION_URLS = {"US": "https://api.mailgun.net", "EU": "https://api.eu.mailgun.net"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailgunAccount:
+    domain: str
+    key: str
+    base_url: str
+
+
+def map_status(status: int) -> MailsvcError:
+    """Mailgun's answer as our error; the provider's own text is not passed on."""
+    if status in (401, 403):
+        return FailedPrecondition("Mailgun refused our API key", reason="MAILGUN_AUTH_FAILED")
+    if status == 404:
+        return FailedPrecondition(
+            "Mailgun does not know the configured domain", reason="MAILGUN_DOMAIN_NOT_FOUND"
+        )
+    if status == 413:
+        return ResourceExhausted(
+            "Mailgun refused the message as too large", reason="MESSAGE_TOO_LARGE"
+        )
+    if status == 429:
+        return RateLimited("Mailgun is rate limiting us", reason="MAILGUN_RATE_LIMITED")
+    if status >= 500:
+        return Unavailable(f"Mailgun answered {status}", reason="MAILGUN_UNAVAILABLE")
+    return FailedPrecondition(f"Mailgun rejected the message ({status})", reason="MAILGUN_REJECTED")
+
+
+class MailgunTransport:
+    name = "mailgun"
+
+    def __init__(
+        self, account: MailgunAccount, client: httpx.AsyncClient, *, max_message_bytes: int
+    ) -> None:
+        self._account = account
+        self._client = client
+        self._max_bytes = max_message_bytes
+        self._url = f"{account.base_url.rstrip('/')}/v3/{account.domain}/messages"
+
+    def _form(self, mail: Mail) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
+        data: dict[str, Any] = {
+            "from": str(mail.sender),
+            "to": [str(a) for a in mail.to],
+            "subject": mail.subject,
+        }
+        if mail.cc:
+            data["cc"] = [str(a) for a in mail.cc]
+        if mail.bcc:
+            data["bcc"] = [str(a) for a in mail.bcc]
+        if mail.text:
+            data["text"] = mail.text
+        if mail.html:
+            data["html"] = mail.html
+        if mail.reply_to:
+            data["h:Reply-To"] = str(mail.reply_to)
+        files = [
+            (
+                "inline" if a.inline and mail.html else "attachment",
+                (a.content_id if a.inline and mail.html else a.filename, a.content, a.content_type),
+            )
+            for a in mail.attachments
+        ]
+        return data, files
+
+    async def send(self, mail: Mail, *, timeout: float) -> Delivery:
+        check_size(mail.estimated_size(), self._max_bytes)
+        data, files = self._form(mail)
+        try:
+            response = await self._client.post(
+                self._url,
+                auth=("api", self._account.key),
+                data=data,
+                files=files or None,
+                timeout=timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise Unavailable(
+                "Mailgun is unreachable or timed out", reason="MAILGUN_UNAVAILABLE"
+            ) from exc
+        if response.status_code != 200:
+            raise map_status(response.status_code)
+        try:
+            message_id = str(response.json()["id"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise Unavailable(
+                "Mailgun answered without a message id", reason="MAILGUN_UNAVAILABLE"
+            ) from exc
+        return Delivery(message_id, self.name, mail.recipients)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,185 @@
+"""SendMail requests that must be refused before anything is sent."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from aiosmtpd.controller import Controller
+from mailsvc.v1 import mail_pb2, settings_pb2
+
+from tests.conftest import (
+    ADMIN,
+    Server,
+    SinkHandler,
+    SmtpSink,
+    details,
+    free_port,
+    smtp_settings,
+    start_server,
+)
+
+ServerFactory = Callable[..., Server]
+SmtpFactory = Callable[..., SmtpSink]
+
+SENDER = "sender@example.com"
+VALID: dict[str, Any] = {"to": ["alice@example.com"], "subject": "Hello", "text": "Hi there"}
+
+
+@pytest.fixture(scope="module")
+def shared_sink() -> Iterator[SmtpSink]:
+    """One plain SMTP sink for the whole module."""
+    handler = SinkHandler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield SmtpSink("127.0.0.1", port, handler, controller)
+    controller.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_server(
+    tmp_path_factory: pytest.TempPathFactory, shared_sink: SmtpSink
+) -> Iterator[Server]:
+    """One server sending through `shared_sink`, for the requests that must send nothing."""
+    server = start_server(tmp_path_factory.mktemp("validation") / "data")
+    try:
+        settings = settings_pb2.MailSettings(default_from=SENDER, smtp=smtp_settings(shared_sink))
+        server.put_settings(settings)
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop(signal.SIGKILL)
+
+
+def send(server: Server, **fields: Any) -> mail_pb2.SendMailResponse:
+    request = mail_pb2.SendMailRequest(**fields)
+    response: mail_pb2.SendMailResponse = server.mail.SendMail(request, metadata=ADMIN, timeout=10)
+    return response
+
+
+def send_fails(server: Server, **fields: Any) -> grpc.RpcError:
+    request = mail_pb2.SendMailRequest(**fields)
+    with pytest.raises(grpc.RpcError) as caught:
+        server.mail.SendMail(request, metadata=ADMIN, timeout=10)
+    return caught.value
+
+
+def attachment(**fields: Any) -> mail_pb2.Attachment:
+    values: dict[str, Any] = {
+        "filename": "notes.txt",
+        "content_type": "text/plain",
+        "content": b"some notes\n",
+    }
+    values.update(fields)
+    return mail_pb2.Attachment(**values)
+
+
+def test_valid_request_is_sent(shared_server: Server, shared_sink: SmtpSink) -> None:
+    """The baseline the invalid cases change one field of: on its own, it is delivered."""
+    before = len(shared_sink.received)
+
+    response = send(
+        shared_server,
+        **VALID,
+        cc=["carol@example.net"],
+        bcc=["dave@example.org"],
+        reply_to="support@example.org",
+        html="<p>Hi there</p>",
+        attachments=[
+            attachment(),
+            attachment(
+                filename="logo.png", content_type="image/png", content=b"\x89PNG", content_id="logo"
+            ),
+        ],
+    )
+
+    assert response.transport == "smtp"
+    assert len(shared_sink.wait_for(before + 1)) == before + 1
+
+
+INVALID = [
+    pytest.param({"to": []}, "to", id="no-to"),
+    pytest.param({"to": ["alice@example.com", "not-an-address"]}, "to[1]", id="bad-to-1"),
+    pytest.param({"to": ["alice@example.com", ""]}, "to[1]", id="empty-to-1"),
+    pytest.param({"cc": ["carol@"]}, "cc[0]", id="bad-cc"),
+    pytest.param({"bcc": ["@example.org"]}, "bcc[0]", id="bad-bcc"),
+    pytest.param({"reply_to": "support at example.org"}, "reply_to", id="bad-reply-to"),
+    pytest.param({"to": ["a@x.test, b@y.test"]}, "to[0]", id="two-addresses-in-one-to"),
+    pytest.param({"subject": "Hi\r\nBcc: evil@x.test"}, "subject", id="crlf-in-subject"),
+    pytest.param({"subject": "Hi\nBcc: evil@x.test"}, "subject", id="lf-in-subject"),
+    pytest.param({"subject": "Hi\rBcc: evil@x.test"}, "subject", id="cr-in-subject"),
+    pytest.param({"to": ["a@x.test\r\nBcc: evil@x.test"]}, "to[0]", id="crlf-in-to"),
+    pytest.param({"cc": ["c@x.test\nBcc: evil@x.test"]}, "cc[0]", id="lf-in-cc"),
+    pytest.param({"reply_to": "r@x.test\r\nBcc: evil@x.test"}, "reply_to", id="crlf-in-reply-to"),
+    pytest.param({"text": "", "html": ""}, "text", id="no-body"),
+    pytest.param(
+        {"attachments": [attachment(filename="a\r\nb.txt")]},
+        "attachments[0].filename",
+        id="crlf-in-filename",
+    ),
+    pytest.param(
+        {"attachments": [attachment(content_type="not a type")]},
+        "attachments[0].content_type",
+        id="bad-content-type",
+    ),
+    pytest.param(
+        {"attachments": [attachment(content_id="logo\r\nX-Evil: 1")]},
+        "attachments[0].content_id",
+        id="crlf-in-content-id",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "field"), INVALID)
+def test_invalid_request_sends_nothing(
+    shared_server: Server, shared_sink: SmtpSink, change: dict[str, Any], field: str
+) -> None:
+    before = len(shared_sink.received)
+    fields = {**VALID, **change}
+
+    err = send_fails(shared_server, **fields)
+
+    info = details(err)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert set(info["violations"]) == {field}, info
+    assert info["violations"][field], "the violation says what is wrong"
+    assert info["reason"] == "INVALID_ARGUMENT", info
+    assert info.get("domain") == "mailsvc", info
+    time.sleep(0.1)
+    assert len(shared_sink.received) == before
+
+
+def test_message_over_size_limit_is_resource_exhausted(
+    server_factory: ServerFactory, smtp_factory: SmtpFactory
+) -> None:
+    sink = smtp_factory()
+    server = server_factory("--max-message-bytes", "2000")
+    server.put_settings(settings_pb2.MailSettings(default_from=SENDER, smtp=smtp_settings(sink)))
+    big = attachment(
+        filename="big.bin", content_type="application/octet-stream", content=bytes(5000)
+    )
+
+    err = send_fails(server, **VALID, attachments=[big])
+
+    info = details(err)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert info["reason"] == "MESSAGE_TOO_LARGE", info
+    time.sleep(0.2)
+    assert sink.received == []
+    # A mail within the limit still goes through.
+    send(server, **VALID)
+    assert len(sink.wait_for(1)) == 1
+
+
+def test_no_transport_is_failed_precondition(server: Server) -> None:
+    err = send_fails(server, **VALID)
+
+    info = details(err)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+    assert info["reason"] == "NO_TRANSPORT", info
+    assert "transport" in err.details().lower()
