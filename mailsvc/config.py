@@ -22,6 +22,10 @@ class Config:
     dev: bool = False
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     smtp_timeout: float = 30.0
+    send_timeout: float = 60.0
+    send_attempts: int = 3
+    smtp_pool_size: int = 4
+    max_in_flight: int = 256
     grace_seconds: float = 30.0
 
     @property
@@ -73,6 +77,34 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="largest message accepted, in bytes (env MAILSVC_MAX_MESSAGE_BYTES; default 10 MiB)",
     )
+    parser.add_argument(
+        "--smtp-pool-size",
+        type=int,
+        help="reused SMTP connections per server; 0 = one per mail "
+        "(env MAILSVC_SMTP_POOL_SIZE; default 4)",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        help="sends handed over at once; more wait (env MAILSVC_MAX_IN_FLIGHT; default 256)",
+    )
+    parser.add_argument(
+        "--send-attempts",
+        type=int,
+        help="attempts per transport for transient failures (env MAILSVC_SEND_ATTEMPTS; default 3)",
+    )
+    parser.add_argument(
+        "--send-timeout",
+        type=float,
+        help="seconds a send may take when the caller sets no deadline "
+        "(env MAILSVC_SEND_TIMEOUT; default 60)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        help="seconds in-flight calls get to finish on SIGTERM (env MAILSVC_SHUTDOWN_GRACE; "
+        "default 30)",
+    )
 
 
 def _pick(arg: object, environ: Mapping[str, str], name: str) -> str | None:
@@ -93,8 +125,12 @@ def data_dir_and_secret(
 def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """Build the serve configuration: flags win over their env twins, then the defaults."""
     data_dir, secret_file = data_dir_and_secret(args, environ)
-    max_bytes = _pick(args.max_message_bytes, environ, "MAILSVC_MAX_MESSAGE_BYTES")
     dev = args.dev if args.dev is not None else env_flag(environ.get("MAILSVC_DEV"))
+
+    def number(arg: object, name: str, default: float) -> float:
+        value = _pick(arg, environ, name)
+        return float(value) if value else default
+
     return Config(
         listen=_pick(args.listen, environ, "MAILSVC_LISTEN") or Config.listen,
         data_dir=data_dir,
@@ -103,5 +139,12 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         jwt_secret_file=secret_file,
         mailgun_base_url=_pick(args.mailgun_base_url, environ, "MAILSVC_MAILGUN_BASE_URL"),
         dev=bool(dev),
-        max_message_bytes=int(max_bytes) if max_bytes else DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes=int(
+            number(args.max_message_bytes, "MAILSVC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
+        ),
+        smtp_pool_size=int(number(args.smtp_pool_size, "MAILSVC_SMTP_POOL_SIZE", 4)),
+        max_in_flight=max(1, int(number(args.max_in_flight, "MAILSVC_MAX_IN_FLIGHT", 256))),
+        send_attempts=max(1, int(number(args.send_attempts, "MAILSVC_SEND_ATTEMPTS", 3))),
+        send_timeout=number(args.send_timeout, "MAILSVC_SEND_TIMEOUT", 60.0),
+        grace_seconds=number(args.shutdown_grace, "MAILSVC_SHUTDOWN_GRACE", 30.0),
     )

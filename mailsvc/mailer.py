@@ -1,13 +1,18 @@
-"""Sending: validate a request into a Mail, pick the transport, hand the mail over once."""
+"""Delivery: pick the transport, retry what is transient, fail over, bound sends in flight."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import httpx
 
 from mailsvc.config import Config
-from mailsvc.errors import DeadlineExceeded, FailedPrecondition
+from mailsvc.errors import DeadlineExceeded, FailedPrecondition, MailsvcError, ResourceExhausted
 from mailsvc.message import Mail
 from mailsvc.store import Snapshot
 from mailsvc.transports.base import Delivery, Transport
@@ -16,18 +21,36 @@ from mailsvc.transports.mailgun import REGION_URLS, MailgunAccount, MailgunTrans
 from mailsvc.transports.smtp import SmtpAccount, SmtpTransport
 from mailsvc.v1.settings_pb2 import MailSettings, Region
 
+log = logging.getLogger(__name__)
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 2.0
+QUEUE_MARGIN = 0.05  # give up waiting for a send slot this long before the caller's deadline
+
+
+@dataclass
+class MailerStats:
+    """Counters the metrics endpoint reads."""
+
+    retries: int = 0
+    failovers: int = 0
+
 
 class Mailer:
     """Owns the transports built from the current settings and the shared HTTP client."""
 
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._http = httpx.AsyncClient(timeout=30.0)
+        self._http = httpx.AsyncClient(
+            timeout=30.0, limits=httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        )
         self._etag: str | None = None
         self._transports: list[Transport] = []
+        self._in_flight = asyncio.Semaphore(config.max_in_flight)
+        self.stats = MailerStats()
 
     def _build(self, settings: MailSettings) -> list[Transport]:
-        limit = self._config.max_message_bytes
+        config = self._config
+        limit = config.max_message_bytes
         transports: list[Transport] = []
         if settings.HasField("smtp"):
             s = settings.smtp
@@ -40,38 +63,102 @@ class Mailer:
                 ssl_on_connect=s.ssl_on_connect,
             )
             transports.append(
-                SmtpTransport(account, max_message_bytes=limit, timeout=self._config.smtp_timeout)
+                SmtpTransport(
+                    account,
+                    max_message_bytes=limit,
+                    timeout=config.smtp_timeout,
+                    pool_size=config.smtp_pool_size,
+                )
             )
         if settings.HasField("mailgun"):
             m = settings.mailgun
             region = "EU" if m.region == Region.EU else "US"
-            base = self._config.mailgun_base_url or REGION_URLS[region]
+            base = config.mailgun_base_url or REGION_URLS[region]
             account_mg = MailgunAccount(domain=m.domain, key=m.key, base_url=base)
             transports.append(MailgunTransport(account_mg, self._http, max_message_bytes=limit))
-        if not transports and self._config.dev:
-            transports.append(MaildirTransport(self._config.outbox_dir, max_message_bytes=limit))
+        if not transports and config.dev:
+            transports.append(MaildirTransport(config.outbox_dir, max_message_bytes=limit))
         return transports
 
     def transports(self, snapshot: Snapshot) -> list[Transport]:
+        """The transports of this settings version; the previous ones are closed."""
         if snapshot.etag != self._etag:
+            old = self._transports
             self._transports = self._build(snapshot.settings)
             self._etag = snapshot.etag
+            for transport in old:
+                asyncio.get_running_loop().create_task(transport.aclose())
         return self._transports
 
+    @asynccontextmanager
+    async def _slot(self, deadline: float) -> AsyncIterator[None]:
+        wait = deadline - asyncio.get_running_loop().time() - QUEUE_MARGIN
+        try:
+            async with asyncio.timeout(max(wait, 0)):
+                await self._in_flight.acquire()
+        except TimeoutError:
+            raise ResourceExhausted(
+                "too many mails in flight to start this one before the deadline",
+                reason="TOO_MANY_IN_FLIGHT",
+            ) from None
+        try:
+            yield
+        finally:
+            self._in_flight.release()
+
     async def send(self, snapshot: Snapshot, mail: Mail, *, timeout: float | None) -> Delivery:
-        """Hand the mail to the first configured transport, within the caller's deadline."""
+        """Hand the mail to one transport, within the caller's deadline.
+
+        Transient failures are retried with backoff; when they persist, the next configured
+        transport is tried. A failure that may have delivered the mail is never retried.
+        """
         transports = self.transports(snapshot)
         if not transports:
             raise FailedPrecondition("no mail transport configured", reason="NO_TRANSPORT")
-        transport = transports[0]
-        budget = timeout if timeout is not None else self._config.smtp_timeout
-        try:
-            async with asyncio.timeout(budget):
-                return await transport.send(mail, timeout=budget)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                "the mail could not be handed over before the deadline"
-            ) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else self._config.send_timeout)
+        async with self._slot(deadline):
+            for i, transport in enumerate(transports):
+                try:
+                    return await self._with_retries(transport, mail, deadline)
+                except MailsvcError as exc:
+                    if not exc.transient or i == len(transports) - 1:
+                        raise
+                    self.stats.failovers += 1
+                    log.warning(
+                        "%s failed (%s); failing over to %s",
+                        transport.name,
+                        exc.reason,
+                        transports[i + 1].name,
+                    )
+        raise AssertionError("unreachable")
+
+    async def _with_retries(self, transport: Transport, mail: Mail, deadline: float) -> Delivery:
+        loop = asyncio.get_running_loop()
+        attempts = self._config.send_attempts
+        for attempt in range(attempts):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded("the deadline passed before the mail could be handed over")
+            try:
+                async with asyncio.timeout(remaining):
+                    return await transport.send(mail, timeout=remaining)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    "the mail could not be handed over before the deadline"
+                ) from None
+            except MailsvcError as exc:
+                if not exc.transient or attempt == attempts - 1:
+                    raise
+                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.5)
+                if loop.time() + delay >= deadline:
+                    raise
+                self.stats.retries += 1
+                log.info(
+                    "%s: %s, retry %d in %.2fs", transport.name, exc.reason, attempt + 1, delay
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
         for transport in self._transports:

@@ -213,6 +213,9 @@ def build_mime(mail: Mail, message_id: str) -> bytes:
         for a in files:
             mixed.attach(_file_part(a))
         root = mixed
+    for part in root.walk():
+        if part is not root:
+            del part["MIME-Version"]
     root["From"] = mail.sender.header()
     root["To"] = ", ".join(a.header() for a in mail.to)
     if mail.cc:
@@ -223,6 +226,4 @@ def build_mime(mail: Mail, message_id: str) -> bytes:
     root["Subject"] = subject if subject.isascii() else Header(subject, "utf-8").encode()
     root["Date"] = formatdate(usegmt=True)
     root["Message-ID"] = message_id
-    if "MIME-Version" not in root:
-        root["MIME-Version"] = "1.0"
     return root.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

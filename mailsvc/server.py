@@ -17,6 +17,7 @@ from mailsvc.api.mail import MailServicer
 from mailsvc.api.settings import SettingsServicer
 from mailsvc.auth import SUPERADMIN, TokenVerifier, load_secret, mint_token
 from mailsvc.config import Config
+from mailsvc.idempotency import IdempotencyStore
 from mailsvc.mailer import Mailer
 from mailsvc.store import SettingsStore
 from mailsvc.templates import TemplateEngine
@@ -38,6 +39,7 @@ class Running:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     mailer: Mailer
+    idempotency: IdempotencyStore
     port: int
 
 
@@ -46,6 +48,7 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     secret = load_secret(environ, config.secret_file)
     store = SettingsStore(config.data_dir, TemplateEngine())
     mailer = Mailer(config)
+    idempotency = IdempotencyStore(config.data_dir / "idempotency.sqlite3")
     server = grpc.aio.server(
         interceptors=[RpcInterceptor(TokenVerifier(secret))],
         options=[
@@ -53,7 +56,9 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
             ("grpc.so_reuseport", 0),
         ],
     )
-    mail_pb2_grpc.add_MailServiceServicer_to_server(MailServicer(config, store, mailer), server)
+    mail_pb2_grpc.add_MailServiceServicer_to_server(
+        MailServicer(config, store, mailer, idempotency), server
+    )
     settings_pb2_grpc.add_SettingsServiceServicer_to_server(SettingsServicer(store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -69,7 +74,14 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     if config.dev:
         token = mint_token(secret, [SUPERADMIN], "dev", ttl=None)
         print(f"dev mode: superadmin token: {token}", flush=True)
-    return Running(server, health_servicer, mailer, port)
+    return Running(server, health_servicer, mailer, idempotency, port)
+
+
+async def _purge_forever(idempotency: IdempotencyStore) -> None:
+    while True:
+        await asyncio.sleep(3600)
+        purged = await asyncio.to_thread(idempotency.purge)
+        log.info("forgot %d idempotency keys older than 24 hours", purged)
 
 
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
@@ -83,9 +95,12 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    purger = asyncio.create_task(_purge_forever(running.idempotency))
     await stop.wait()
+    purger.cancel()
     log.info("shutting down: draining in-flight calls (grace %.0fs)", config.grace_seconds)
     await running.health.enter_graceful_shutdown()
     await running.server.stop(config.grace_seconds)
     await running.mailer.aclose()
+    running.idempotency.close()
     log.info("stopped")

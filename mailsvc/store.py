@@ -88,7 +88,28 @@ class SettingsStore:
         self._lock = asyncio.Lock()
         self._listeners: list[Callable[[Snapshot], None]] = []
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._stamp = self._disk_stamp()
         self._snapshot = self._load()
+
+    def _disk_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """What identifies the files' current versions, to notice writes by anyone else."""
+        stamps = []
+        for path in (self._settings_path, self._acl_path):
+            try:
+                st = path.stat()
+                stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _current(self) -> Snapshot:
+        """The snapshot, re-read only if another process changed the files since."""
+        stamp = self._disk_stamp()
+        if stamp == self._stamp:
+            return self._snapshot
+        snapshot = self._load()
+        self._stamp = stamp
+        return snapshot
 
     @property
     def snapshot(self) -> Snapshot:
@@ -135,7 +156,7 @@ class SettingsStore:
 
     def _update_locked(self, change: Callable[[MailSettings], MailSettings], etag: str) -> Snapshot:
         with self._file_lock():
-            current = self._load()  # another process may have written since we last looked
+            current = self._current()
             if etag and etag != current.etag:
                 raise Aborted("etag does not match the stored settings: read them again and retry")
             new = change(current.settings)
@@ -145,6 +166,7 @@ class SettingsStore:
             stored = rules.for_storage(new)
             stored.etag = secrets.token_hex(8)
             _atomic_write(self._settings_path, _to_json(stored))
+            self._stamp = self._disk_stamp()
             etag = stored.etag
             stored.ClearField("etag")
             return Snapshot(stored, etag, current.acl, compiled)
@@ -154,8 +176,9 @@ class SettingsStore:
 
             def write() -> Snapshot:
                 with self._file_lock():
-                    current = self._load()
+                    current = self._current()
                     _atomic_write(self._acl_path, _to_json(acl))
+                    self._stamp = self._disk_stamp()
                     return Snapshot(current.settings, current.etag, acl, current.templates)
 
             return self._publish(await asyncio.to_thread(write))

@@ -199,6 +199,7 @@ class TemplateEngine:
     """Owns the two sandboxes (html autoescaped, the rest not) and compiles stored templates."""
 
     def __init__(self) -> None:
+        self.compilations = 0  # template fields compiled so far; rendering never adds to it
         self._text = _Sandbox(undefined=StrictUndefined, autoescape=False)
         self._html = _Sandbox(undefined=StrictUndefined, autoescape=True)
         for env in (self._text, self._html):
@@ -250,6 +251,7 @@ class TemplateEngine:
                 )
             used |= variables
             compiled[field] = env.from_string(ast)
+            self.compilations += 1
         if violations:
             return None, violations
         result = CompiledTemplate(

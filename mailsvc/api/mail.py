@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import Message
 
 from mailsvc.api.interceptors import current_call
 from mailsvc.auth import can_send_mail
 from mailsvc.compose import MailRequest, check_mail, compose_templated, sender_of, template_for
 from mailsvc.config import Config
-from mailsvc.errors import PermissionDenied
+from mailsvc.errors import InvalidArgument, PermissionDenied
+from mailsvc.idempotency import IdempotencyStore, fingerprint
 from mailsvc.mailer import Mailer
 from mailsvc.message import Mail
-from mailsvc.store import SettingsStore
+from mailsvc.store import SettingsStore, Snapshot
 from mailsvc.transports.base import Delivery
 from mailsvc.v1 import mail_pb2 as pb
 from mailsvc.v1 import mail_pb2_grpc
+
+
+def _fingerprint(method: str, request: Message) -> str:
+    without_key = type(request)()
+    without_key.CopyFrom(request)
+    without_key.ClearField("idempotency_key")
+    return fingerprint(method, without_key.SerializeToString(deterministic=True))
 
 
 def _response(delivery: Delivery) -> pb.SendMailResponse:
@@ -26,11 +35,45 @@ def _response(delivery: Delivery) -> pb.SendMailResponse:
     )
 
 
+MAX_KEY_LENGTH = 256
+
+
 class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
-    def __init__(self, config: Config, store: SettingsStore, mailer: Mailer) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: SettingsStore,
+        mailer: Mailer,
+        idempotency: IdempotencyStore,
+    ) -> None:
         self._config = config
         self._store = store
         self._mailer = mailer
+        self._idempotency = idempotency
+
+    async def _deliver(
+        self,
+        method: str,
+        request: pb.SendMailRequest | pb.SendTemplatedMailRequest,
+        mail: Mail,
+        snapshot: Snapshot,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.SendMailResponse:
+        call = current_call()
+        key = request.idempotency_key
+        if len(key) > MAX_KEY_LENGTH:
+            raise InvalidArgument.one("idempotency_key", f"at most {MAX_KEY_LENGTH} characters")
+
+        async def send() -> bytes:
+            delivery = await self._mailer.send(snapshot, mail, timeout=context.time_remaining())
+            return _response(delivery).SerializeToString()
+
+        data, _ = await self._idempotency.run(
+            call.principal.sub, key, _fingerprint(method, request), send
+        )
+        response = pb.SendMailResponse.FromString(data)
+        call.message_id = response.message_id
+        return response
 
     async def SendMail(
         self, request: pb.SendMailRequest, context: grpc.aio.ServicerContext
@@ -60,12 +103,11 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
                 sender=sender_of(settings, self._config),
             )
         )
-        delivery = await self._mailer.send(snapshot, mail, timeout=context.time_remaining())
-        call.message_id = delivery.message_id
-        return _response(delivery)
+        return await self._deliver("SendMail", request, mail, snapshot, context)
 
-    def _templated(self, request: pb.SendTemplatedMailRequest | pb.RenderTemplateRequest) -> Mail:
-        snapshot = self._store.snapshot
+    def _templated(
+        self, snapshot: Snapshot, request: pb.SendTemplatedMailRequest | pb.RenderTemplateRequest
+    ) -> Mail:
         template = template_for(snapshot, request.template_name, current_call().principal)
         return compose_templated(
             snapshot,
@@ -80,16 +122,14 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
     async def SendTemplatedMail(
         self, request: pb.SendTemplatedMailRequest, context: grpc.aio.ServicerContext
     ) -> pb.SendMailResponse:
-        mail = self._templated(request)
         snapshot = self._store.snapshot
-        delivery = await self._mailer.send(snapshot, mail, timeout=context.time_remaining())
-        current_call().message_id = delivery.message_id
-        return _response(delivery)
+        mail = self._templated(snapshot, request)
+        return await self._deliver("SendTemplatedMail", request, mail, snapshot, context)
 
     async def RenderTemplate(
         self, request: pb.RenderTemplateRequest, context: grpc.aio.ServicerContext
     ) -> pb.RenderedMail:
-        mail = self._templated(request)
+        mail = self._templated(self._store.snapshot, request)
         return pb.RenderedMail(
             from_address=str(mail.sender),
             to=[str(a) for a in mail.to],

@@ -1,21 +1,25 @@
-"""SMTP transport with aiosmtplib: implicit TLS or STARTTLS (verified), AUTH, Bcc in envelope."""
+"""SMTP transport with aiosmtplib: a bounded pool of verified-TLS, authenticated connections."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiosmtplib
 
-from mailsvc.errors import (
-    FailedPrecondition,
-    MailsvcError,
-    ResourceExhausted,
-    Unavailable,
-)
+from mailsvc.errors import FailedPrecondition, MailsvcError, ResourceExhausted, Unavailable
 from mailsvc.message import Mail, build_mime, new_message_id
 from mailsvc.transports.base import Delivery, check_size
+
+IDLE_CHECK_SECONDS = 2.0  # an idle connection older than this is checked with NOOP first
+MAX_IDLE_SECONDS = 60.0  # and one idle longer than this is closed rather than reused
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,35 +79,49 @@ def map_smtp_error(exc: Exception) -> MailsvcError:
         codes = [r.code for r in exc.recipients]
         transient = bool(codes) and all(400 <= c < 500 for c in codes)
         return _reply_error(codes[0] if transient else 550, "every recipient")
-    if isinstance(exc, aiosmtplib.SMTPSenderRefused):
-        return _reply_error(exc.code, "the sender")
-    if isinstance(exc, aiosmtplib.SMTPDataError):
-        return _reply_error(exc.code, "the message")
     if isinstance(exc, aiosmtplib.SMTPNotSupported):
         return FailedPrecondition(
             "the SMTP server does not support what the settings ask (AUTH or TLS)",
             reason="SMTP_NOT_SUPPORTED",
         )
-    if isinstance(exc, aiosmtplib.SMTPConnectError | aiosmtplib.SMTPTimeoutError | OSError):
-        return Unavailable("the SMTP server is unreachable or timed out", reason="SMTP_UNAVAILABLE")
-    if isinstance(exc, aiosmtplib.SMTPServerDisconnected):
-        return Unavailable("the SMTP server closed the connection", reason="SMTP_UNAVAILABLE")
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return _reply_error(exc.code, "a command")
-    return Unavailable("sending through SMTP failed", reason="SMTP_UNAVAILABLE")
+    if isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 400:
+        return _reply_error(exc.code, "the message")
+    return Unavailable("the SMTP server is unreachable or timed out", reason="SMTP_UNAVAILABLE")
+
+
+class _Connection:
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        self.client = client
+        self.last_used = time.monotonic()
 
 
 class SmtpTransport:
-    """Opens a connection per mail; TLS always verifies against the system trust store."""
+    """Sends over at most `pool_size` reused connections (0: a new connection per mail).
+
+    Errors before DATA leave nothing sent, so they may be retried; a connection lost during
+    DATA is not, since the server may have taken the mail.
+    """
 
     name = "smtp"
 
-    def __init__(self, account: SmtpAccount, *, max_message_bytes: int, timeout: float) -> None:
+    def __init__(
+        self,
+        account: SmtpAccount,
+        *,
+        max_message_bytes: int,
+        timeout: float,
+        pool_size: int = 4,
+    ) -> None:
         self._account = account
         self._max_bytes = max_message_bytes
         self._timeout = timeout
+        self._pool_size = pool_size
+        self._slots = asyncio.Semaphore(max(pool_size, 1)) if pool_size else None
+        self._idle: deque[_Connection] = deque()
+        self._closed = False
         self._tls = ssl.create_default_context()
         self._local_hostname = socket.gethostname() or "localhost"
+        self.connections_opened = 0
 
     async def _connect(self, timeout: float) -> aiosmtplib.SMTP:
         account = self._account
@@ -117,6 +135,7 @@ class SmtpTransport:
             timeout=timeout,
         )
         await client.connect()
+        self.connections_opened += 1
         try:
             await client.ehlo()
             if not account.ssl_on_connect:
@@ -134,26 +153,88 @@ class SmtpTransport:
             raise
         return client
 
+    async def _reusable(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            idle_for = time.monotonic() - conn.last_used
+            if conn.client.is_connected and idle_for < MAX_IDLE_SECONDS:
+                if idle_for < IDLE_CHECK_SECONDS:
+                    return conn
+                try:
+                    await conn.client.noop()
+                    return conn
+                except (aiosmtplib.SMTPException, OSError):
+                    pass
+            conn.client.close()
+        return None
+
+    @asynccontextmanager
+    async def _connection(self, timeout: float) -> AsyncIterator[_Connection]:
+        if self._slots is None:
+            conn = _Connection(await self._connect(timeout))
+            try:
+                yield conn
+            finally:
+                await self._quit(conn)
+            return
+        async with self._slots:
+            conn = await self._reusable() or _Connection(await self._connect(timeout))
+            healthy = False
+            try:
+                yield conn
+                healthy = True
+            finally:
+                if healthy and not self._closed and conn.client.is_connected:
+                    conn.last_used = time.monotonic()
+                    self._idle.append(conn)
+                else:
+                    conn.client.close()
+
+    async def _quit(self, conn: _Connection) -> None:
+        try:
+            await conn.client.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            conn.client.close()
+
     async def send(self, mail: Mail, *, timeout: float) -> Delivery:
         message_id = new_message_id(mail.sender)
         raw = build_mime(mail, message_id)
         check_size(len(raw), self._max_bytes)
         timeout = min(timeout, self._timeout)
+        in_data = False
         try:
-            client = await self._connect(timeout)
-            try:
-                refused, _ = await client.sendmail(mail.sender.addr, mail.recipients, raw)
-            finally:
+            async with self._connection(timeout) as conn:
+                client = conn.client
                 try:
-                    await client.quit()
-                except (aiosmtplib.SMTPException, OSError):
-                    client.close()
+                    await client.mail(mail.sender.addr, timeout=timeout)
+                    refused: list[aiosmtplib.SMTPRecipientRefused] = []
+                    accepted = []
+                    for rcpt in mail.recipients:
+                        try:
+                            await client.rcpt(rcpt, timeout=timeout)
+                            accepted.append(rcpt)
+                        except aiosmtplib.SMTPRecipientRefused as exc:
+                            refused.append(exc)
+                    if not accepted:
+                        raise aiosmtplib.SMTPRecipientsRefused(refused)
+                    in_data = True
+                    await client.data(raw, timeout=timeout)
+                except aiosmtplib.SMTPResponseException:
+                    # Leave the connection clean for whoever closes it; the refusal is what
+                    # the caller needs to hear about.
+                    with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+                        await client.rset(timeout=timeout)
+                    raise
         except MailsvcError:
             raise
         except (aiosmtplib.SMTPException, OSError) as exc:
-            raise map_smtp_error(exc) from exc
-        accepted = [r for r in mail.recipients if r not in refused]
+            error = map_smtp_error(exc)
+            if in_data and not isinstance(exc, aiosmtplib.SMTPResponseException):
+                error.transient = False  # the server may have the mail: never send it twice
+            raise error from exc
         return Delivery(message_id, self.name, accepted)
 
     async def aclose(self) -> None:
-        return None
+        self._closed = True
+        while self._idle:
+            await self._quit(self._idle.pop())
