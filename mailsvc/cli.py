@@ -43,6 +43,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = config_from(args, environ)
+    os.umask(0o077)  # everything we write (settings, keys, outbox) is for our user only
     try:
         asyncio.run(serve(config, environ))
     except SettingsFileError as exc:

@@ -23,9 +23,40 @@ SCALAR_FIELDS = ("from_address", "subject", "text", "html")
 LIST_FIELDS = ("to", "cc", "bcc")
 MAX_OUTPUT_CHARS = 1_000_000  # per rendered mail, all fields together
 MAX_POWER_EXPONENT = 64
+MAX_ITERATIONS = 200_000  # loop steps per rendered mail, all loops together
 
 # Iterations of range() left in the current render: nested loops share one budget.
 _range_budget: contextvars.ContextVar[int] = contextvars.ContextVar("range_budget", default=0)
+
+
+# Loop steps left in the current render.
+_iterations: contextvars.ContextVar[int] = contextvars.ContextVar("iterations", default=0)
+
+
+def _counted(iterable: Any) -> Iterator[Any]:
+    """Every {% for %} iterates through this (see _guard_loops), so nested loops are bounded."""
+    for item in iterable:
+        left = _iterations.get() - 1
+        if left < 0:
+            raise SecurityError("too many loop iterations")
+        _iterations.set(left)
+        yield item
+
+
+def _guard_loops(ast: nodes.Template) -> nodes.Template:
+    for loop in ast.find_all(nodes.For):
+        loop.iter = nodes.Call(
+            nodes.Name(_LOOP_GUARD, "load", lineno=loop.lineno),
+            [loop.iter],
+            [],
+            None,
+            None,
+            lineno=loop.lineno,
+        )
+    return ast
+
+
+_LOOP_GUARD = "mailsvc_loop_guard"
 
 
 def _budgeted_range(*args: int) -> range:
@@ -74,13 +105,14 @@ def _field_sources(template: MailTemplate) -> Iterator[tuple[str, str, bool]]:
             yield f"{name}[{i}]", value, False
 
 
-def _private_attribute(ast: nodes.Template) -> str | None:
+def _private_attribute(ast: nodes.Template) -> int | None:
+    """The line of the first attribute starting with '_', which the sandbox would refuse."""
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
         attr = node.attr if isinstance(node, nodes.Getattr) else None
         if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
             attr = node.arg.value if isinstance(node.arg.value, str) else None
         if attr and attr.startswith("_"):
-            return attr
+            return int(node.lineno)
     return None
 
 
@@ -100,6 +132,7 @@ class CompiledTemplate:
         total = 0
         out: dict[str, str] = {}
         token = _range_budget.set(MAX_RANGE)
+        steps = _iterations.set(MAX_ITERATIONS)
         try:
             for path, template in self.fields.items():
                 chunks = []
@@ -122,13 +155,21 @@ class CompiledTemplate:
             raise InvalidArgument.one(
                 "parameters", f"template {self.name!r} uses a value the parameters do not give"
             ) from None
-        except (TemplateError, ArithmeticError, TypeError, ValueError, LookupError):
+        except (
+            TemplateError,
+            ArithmeticError,
+            TypeError,
+            ValueError,
+            LookupError,
+            RecursionError,
+        ):
             raise FailedPrecondition(
                 f"template {self.name!r} failed to render with these parameters",
                 reason="TEMPLATE_RENDER_FAILED",
             ) from None
         finally:
             _range_budget.reset(token)
+            _iterations.reset(steps)
         lists = {
             name: [out[f"{name}[{i}]"] for i in range(self.list_lengths[name])]
             for name in LIST_FIELDS
@@ -205,6 +246,7 @@ class TemplateEngine:
         for env in (self._text, self._html):
             env.globals.clear()
             env.globals["range"] = _budgeted_range
+            env.globals[_LOOP_GUARD] = _counted
 
     def compile(
         self, name: str, template: MailTemplate, path: str
@@ -235,22 +277,27 @@ class TemplateEngine:
                 )
                 continue
             private = _private_attribute(ast)
-            if private:
-                violations.append(
-                    FieldViolation(f"{path}.{field}", f"attribute {private!r} is not allowed")
-                )
-                continue
-            variables = meta.find_undeclared_variables(ast) - env.globals.keys()
-            undeclared = sorted(variables - template.model.keys())
-            if undeclared:
+            if private is not None:
                 violations.append(
                     FieldViolation(
                         f"{path}.{field}",
-                        f"uses {', '.join(undeclared)}, not declared in the model",
+                        f"line {private}: attributes starting with '_' are not allowed",
+                    )
+                )
+                continue
+            variables = meta.find_undeclared_variables(ast) - env.globals.keys()
+            undeclared = variables - template.model.keys()
+            if undeclared:
+                lines = sorted({n.lineno for n in ast.find_all(nodes.Name) if n.name in undeclared})
+                violations.append(
+                    FieldViolation(
+                        f"{path}.{field}",
+                        f"line {lines[0] if lines else 1}: uses {', '.join(sorted(undeclared))},"
+                        " not declared in the model",
                     )
                 )
             used |= variables
-            compiled[field] = env.from_string(ast)
+            compiled[field] = env.from_string(_guard_loops(ast))
             self.compilations += 1
         if violations:
             return None, violations

@@ -114,23 +114,10 @@ def start_server(
     full_env.update(env or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"server-{port}.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mailsvc",
-            "serve",
-            "--listen",
-            address,
-            "--data-dir",
-            str(data_dir),
-            *args,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=full_env,
-    )
+    command = [sys.executable, "-m", "mailsvc", "serve", "--listen", address]
+    command += ["--data-dir", str(data_dir), *args]
+    with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
     server = Server(address, data_dir, proc, log_path)
     if wait:
         wait_serving(server)

@@ -204,14 +204,16 @@ def test_grpcurl_send_mail(server: Server, smtp_sink: SmtpSink) -> None:
     )
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
-    assert reply["messageId"]
+    # grpcurl names fields by the descriptor's json_name, or by the proto name without one.
+    message_id = reply.get("messageId") or reply.get("message_id")
+    assert message_id, result.stdout
     assert reply["transport"] == "smtp"
     received = smtp_sink.wait_for(1)
     assert len(received) == 1
     assert received[0].rcpt_tos == ["a@example.com"]
     message = received[0].message
     assert message["Subject"] == "hi"
-    assert bare_id(str(message["Message-ID"])) == bare_id(reply["messageId"])
+    assert bare_id(str(message["Message-ID"])) == bare_id(message_id)
 
 
 def test_grpcurl_without_token_is_unauthenticated(server: Server, smtp_sink: SmtpSink) -> None:
