@@ -93,7 +93,7 @@ class SettingsStore:
 
     def _disk_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
         """What identifies the files' current versions, to notice writes by anyone else."""
-        stamps = []
+        stamps: list[tuple[int, int, int] | None] = []
         for path in (self._settings_path, self._acl_path):
             try:
                 st = path.stat()

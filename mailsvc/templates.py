@@ -23,6 +23,7 @@ SCALAR_FIELDS = ("from_address", "subject", "text", "html")
 LIST_FIELDS = ("to", "cc", "bcc")
 MAX_OUTPUT_CHARS = 1_000_000  # per rendered mail, all fields together
 MAX_POWER_EXPONENT = 64
+MAX_RESULT_BITS = 4096  # of an integer power: chained powers must not grow without bound
 MAX_ITERATIONS = 200_000  # loop steps per rendered mail, all loops together
 
 # Iterations of range() left in the current render: nested loops share one budget.
@@ -77,6 +78,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         if op == "**":
             if isinstance(right, int | float) and abs(right) > MAX_POWER_EXPONENT:
                 raise SecurityError("exponent too large")
+            if isinstance(left, int) and left.bit_length() * abs(right) > MAX_RESULT_BITS:
+                raise SecurityError("result too large")
             return operator.pow(left, right)
         for seq, times in ((left, right), (right, left)):
             sized = isinstance(seq, str | list | tuple) and isinstance(times, int)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import base64
 import email.utils
-import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -24,20 +23,6 @@ from tests.conftest import (
     free_port,
     smtp_settings,
 )
-
-# conftest's start_server leaves its handle on the server log open (a ResourceWarning, an error
-# under this suite's settings); that leak is the harness's, not the server's.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:unclosed file <_io.BufferedWriter name=.*server-[0-9]+\.log'>:ResourceWarning"
-)
-
-
-@pytest.fixture(autouse=True)
-def _collect_leaked_log_handles() -> Iterator[None]:
-    """Collect those handles (some sit in reference cycles) while the filter above applies."""
-    yield
-    gc.collect()
-
 
 ServerFactory = Callable[..., Server]
 SmtpFactory = Callable[..., SmtpSink]

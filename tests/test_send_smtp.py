@@ -32,20 +32,6 @@ from tests.conftest import (
     smtp_settings,
 )
 
-# conftest's start_server leaves its handle on the server log open (a ResourceWarning, an error
-# under this suite's settings); that leak is the harness's, not the server's.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:unclosed file <_io.BufferedWriter name=.*server-[0-9]+\.log'>:ResourceWarning"
-)
-
-
-@pytest.fixture(autouse=True)
-def _collect_leaked_log_handles() -> Iterator[None]:
-    """Collect those handles (some sit in reference cycles) while the filter above applies."""
-    yield
-    gc.collect()
-
-
 ServerFactory = Callable[..., Server]
 SmtpFactory = Callable[..., SmtpSink]
 
@@ -62,6 +48,13 @@ auth_without_tls = pytest.mark.filterwarnings(
 # collector. Only the sink lives in this process (the server is a subprocess), so these
 # warnings are never about the server under test.
 sink_tls_leaks = pytest.mark.filterwarnings("ignore:unclosed:ResourceWarning")
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect what the sinks leave behind while the test's own warning filters still apply."""
+    yield
+    gc.collect()
 
 
 def _check_login(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
