@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -38,18 +37,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc import logs
+    from mailsvc.config import ConfigError
     from mailsvc.server import ListenError, serve
     from mailsvc.store import SettingsFileError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    config = config_from(args, environ)
+    try:
+        config = config_from(args, environ)
+    except (ConfigError, ValueError) as exc:
+        print(f"mailsvc: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_format)
     os.umask(0o077)  # everything we write (settings, keys, outbox) is for our user only
     try:
         asyncio.run(serve(config, environ))
-    except SettingsFileError as exc:
-        print(f"mailsvc: cannot start: {exc}", file=sys.stderr)
-        return 2
-    except ListenError as exc:
+    except (SettingsFileError, ListenError) as exc:
         print(f"mailsvc: cannot start: {exc}", file=sys.stderr)
         return 2
     return 0

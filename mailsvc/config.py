@@ -27,6 +27,12 @@ class Config:
     smtp_pool_size: int = 4
     max_in_flight: int = 256
     grace_seconds: float = 30.0
+    metrics_listen: str = ""
+    log_format: str = "text"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    reload_interval: float = 2.0
 
     @property
     def settings_path(self) -> Path:
@@ -43,6 +49,10 @@ class Config:
     @property
     def secret_file(self) -> Path:
         return self.jwt_secret_file or self.data_dir / "jwt-secret"
+
+
+class ConfigError(Exception):
+    """Flags or environment that cannot work together."""
 
 
 def env_flag(value: str | None) -> bool:
@@ -100,6 +110,27 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "(env MAILSVC_SEND_TIMEOUT; default 60)",
     )
     parser.add_argument(
+        "--metrics-listen",
+        help="host:port for Prometheus /metrics (env MAILSVC_METRICS_LISTEN; off when empty)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or one JSON object each (env MAILSVC_LOG_FORMAT; default text)",
+    )
+    parser.add_argument("--tls-cert", help="server certificate chain, PEM (env MAILSVC_TLS_CERT)")
+    parser.add_argument("--tls-key", help="server private key, PEM (env MAILSVC_TLS_KEY)")
+    parser.add_argument(
+        "--tls-client-ca",
+        help="require client certificates signed by this CA, PEM (env MAILSVC_TLS_CLIENT_CA)",
+    )
+    parser.add_argument(
+        "--reload-interval",
+        type=float,
+        help="seconds between checks of settings.json for outside edits; 0 = never "
+        "(env MAILSVC_RELOAD_INTERVAL; default 2)",
+    )
+    parser.add_argument(
         "--shutdown-grace",
         type=float,
         help="seconds in-flight calls get to finish on SIGTERM (env MAILSVC_SHUTDOWN_GRACE; "
@@ -131,7 +162,11 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         value = _pick(arg, environ, name)
         return float(value) if value else default
 
-    return Config(
+    def path(arg: object, name: str) -> Path | None:
+        value = _pick(arg, environ, name)
+        return Path(value) if value else None
+
+    config = Config(
         listen=_pick(args.listen, environ, "MAILSVC_LISTEN") or Config.listen,
         data_dir=data_dir,
         default_from=_pick(args.default_from, environ, "MAILSVC_DEFAULT_FROM")
@@ -147,4 +182,17 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         send_attempts=max(1, int(number(args.send_attempts, "MAILSVC_SEND_ATTEMPTS", 3))),
         send_timeout=number(args.send_timeout, "MAILSVC_SEND_TIMEOUT", 60.0),
         grace_seconds=number(args.shutdown_grace, "MAILSVC_SHUTDOWN_GRACE", 30.0),
+        metrics_listen=_pick(args.metrics_listen, environ, "MAILSVC_METRICS_LISTEN") or "",
+        log_format=_pick(args.log_format, environ, "MAILSVC_LOG_FORMAT") or "text",
+        tls_cert=path(args.tls_cert, "MAILSVC_TLS_CERT"),
+        tls_key=path(args.tls_key, "MAILSVC_TLS_KEY"),
+        tls_client_ca=path(args.tls_client_ca, "MAILSVC_TLS_CLIENT_CA"),
+        reload_interval=number(args.reload_interval, "MAILSVC_RELOAD_INTERVAL", 2.0),
     )
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"log format must be text or json, not {config.log_format!r}")
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    return config

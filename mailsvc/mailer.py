@@ -7,13 +7,13 @@ import logging
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import httpx
 
 from mailsvc.config import Config
 from mailsvc.errors import DeadlineExceeded, FailedPrecondition, MailsvcError, ResourceExhausted
 from mailsvc.message import Mail
+from mailsvc.metrics import Metrics
 from mailsvc.store import Snapshot
 from mailsvc.transports.base import Delivery, Transport
 from mailsvc.transports.maildir import MaildirTransport
@@ -27,26 +27,22 @@ BACKOFF_CAP = 2.0
 QUEUE_MARGIN = 0.05  # give up waiting for a send slot this long before the caller's deadline
 
 
-@dataclass
-class MailerStats:
-    """Counters the metrics endpoint reads."""
-
-    retries: int = 0
-    failovers: int = 0
-
-
 class Mailer:
     """Owns the transports built from the current settings and the shared HTTP client."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Metrics) -> None:
         self._config = config
+        self._metrics = metrics
         self._http = httpx.AsyncClient(
             timeout=30.0, limits=httpx.Limits(max_connections=100, max_keepalive_connections=20)
         )
         self._etag: str | None = None
         self._transports: list[Transport] = []
         self._in_flight = asyncio.Semaphore(config.max_in_flight)
-        self.stats = MailerStats()
+        metrics.track_pool(self._smtp_in_use)
+
+    def _smtp_in_use(self) -> float:
+        return float(sum(t.in_use for t in self._transports if isinstance(t, SmtpTransport)))
 
     def _build(self, settings: MailSettings) -> list[Transport]:
         config = self._config
@@ -120,17 +116,21 @@ class Mailer:
         async with self._slot(deadline):
             for i, transport in enumerate(transports):
                 try:
-                    return await self._with_retries(transport, mail, deadline)
+                    delivery = await self._with_retries(transport, mail, deadline)
                 except MailsvcError as exc:
+                    self._metrics.sends.labels(transport.name, exc.reason).inc()
                     if not exc.transient or i == len(transports) - 1:
                         raise
-                    self.stats.failovers += 1
+                    self._metrics.failovers.labels(transport.name, transports[i + 1].name).inc()
                     log.warning(
                         "%s failed (%s); failing over to %s",
                         transport.name,
                         exc.reason,
                         transports[i + 1].name,
                     )
+                else:
+                    self._metrics.sends.labels(transport.name, "ok").inc()
+                    return delivery
         raise AssertionError("unreachable")
 
     async def _with_retries(self, transport: Transport, mail: Mail, deadline: float) -> Delivery:
@@ -153,7 +153,7 @@ class Mailer:
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.5)
                 if loop.time() + delay >= deadline:
                     raise
-                self.stats.retries += 1
+                self._metrics.retries.labels(transport.name).inc()
                 log.info(
                     "%s: %s, retry %d in %.2fs", transport.name, exc.reason, attempt + 1, delay
                 )

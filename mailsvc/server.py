@@ -1,4 +1,4 @@
-"""build_server(config) and serve(): wiring, health, reflection, graceful stop."""
+"""build_server(config) and serve(): wiring, health, reflection, TLS, reload, graceful stop."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from mailsvc.auth import SUPERADMIN, TokenVerifier, load_secret, mint_token
 from mailsvc.config import Config
 from mailsvc.idempotency import IdempotencyStore
 from mailsvc.mailer import Mailer
-from mailsvc.store import SettingsStore
+from mailsvc.metrics import Metrics
+from mailsvc.store import SettingsFileError, SettingsStore
 from mailsvc.templates import TemplateEngine
 from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2, settings_pb2_grpc
 
@@ -31,50 +32,66 @@ SERVICES = (
 
 
 class ListenError(Exception):
-    """The listen address could not be bound."""
+    """The listen address could not be bound, or its TLS files not read."""
 
 
 @dataclass
 class Running:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
+    store: SettingsStore
     mailer: Mailer
     idempotency: IdempotencyStore
-    port: int
+    metrics: Metrics
+
+
+def _bind(server: grpc.aio.Server, config: Config) -> None:
+    try:
+        if config.tls_cert and config.tls_key:
+            client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = server.add_secure_port(config.listen, credentials)
+        else:
+            port = server.add_insecure_port(config.listen)
+    except OSError as exc:
+        raise ListenError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {config.listen}") from exc
+    if port == 0:
+        raise ListenError(f"cannot listen on {config.listen}")
 
 
 async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     """Everything wired and bound, not yet started. Raises SettingsFileError, ListenError."""
     secret = load_secret(environ, config.secret_file)
     store = SettingsStore(config.data_dir, TemplateEngine())
-    mailer = Mailer(config)
+    metrics = Metrics()
+    mailer = Mailer(config, metrics)
     idempotency = IdempotencyStore(config.data_dir / "idempotency.sqlite3")
     server = grpc.aio.server(
-        interceptors=[RpcInterceptor(TokenVerifier(secret))],
+        interceptors=[RpcInterceptor(TokenVerifier(secret), metrics)],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
             ("grpc.so_reuseport", 0),
         ],
     )
-    mail_pb2_grpc.add_MailServiceServicer_to_server(
-        MailServicer(config, store, mailer, idempotency), server
-    )
+    mail_servicer = MailServicer(config, store, mailer, idempotency, metrics)
+    mail_pb2_grpc.add_MailServiceServicer_to_server(mail_servicer, server)
     settings_pb2_grpc.add_SettingsServiceServicer_to_server(SettingsServicer(store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError as exc:
-        raise ListenError(f"cannot listen on {config.listen}") from exc
-    if port == 0:
-        raise ListenError(f"cannot listen on {config.listen}")
+    _bind(server, config)
     if config.dev:
         token = mint_token(secret, [SUPERADMIN], "dev", ttl=None)
         print(f"dev mode: superadmin token: {token}", flush=True)
-    return Running(server, health_servicer, mailer, idempotency, port)
+    return Running(server, health_servicer, store, mailer, idempotency, metrics)
 
 
 async def _purge_forever(idempotency: IdempotencyStore) -> None:
@@ -84,23 +101,50 @@ async def _purge_forever(idempotency: IdempotencyStore) -> None:
         log.info("forgot %d idempotency keys older than 24 hours", purged)
 
 
+async def _reload_forever(store: SettingsStore, metrics: Metrics, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if await store.reload_if_changed():
+                metrics.settings_reloads.labels("ok").inc()
+                log.info("settings file changed outside the service: reloaded")
+        except SettingsFileError as exc:
+            metrics.settings_reloads.labels("invalid").inc()
+            log.error("settings file edit ignored, the last good settings keep serving: %s", exc)
+
+
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
     """Run until SIGTERM or SIGINT, then refuse new work, drain in-flight calls and stop."""
     running = await build_server(config, environ)
+    metrics_server = running.metrics.serve(config.metrics_listen) if config.metrics_listen else None
     await running.server.start()
     for name in ("", *SERVICES):
         await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("mailsvc listening on %s (data dir %s)", config.listen, config.data_dir)
+    log.info(
+        "mailsvc listening on %s%s (data dir %s)",
+        config.listen,
+        " with TLS" if config.tls_cert else "",
+        config.data_dir,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    purger = asyncio.create_task(_purge_forever(running.idempotency))
+    background = [asyncio.create_task(_purge_forever(running.idempotency))]
+    if config.reload_interval > 0:
+        background.append(
+            asyncio.create_task(
+                _reload_forever(running.store, running.metrics, config.reload_interval)
+            )
+        )
     await stop.wait()
-    purger.cancel()
     log.info("shutting down: draining in-flight calls (grace %.0fs)", config.grace_seconds)
+    for task in background:
+        task.cancel()
     await running.health.enter_graceful_shutdown()
     await running.server.stop(config.grace_seconds)
     await running.mailer.aclose()
     running.idempotency.close()
+    if metrics_server is not None:
+        metrics_server[0].shutdown()
     log.info("stopped")

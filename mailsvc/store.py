@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from mailsvc import settings as rules
-from mailsvc.errors import Aborted, InvalidArgument
+from mailsvc.errors import Aborted, FailedPrecondition, InvalidArgument
 from mailsvc.templates import CompiledTemplate, TemplateEngine
 from mailsvc.v1.settings_pb2 import MailSettings, SettingsAcl
 
@@ -73,8 +74,21 @@ def _read(path: Path, message: M) -> tuple[M, bytes] | None:
     try:
         json_format.Parse(data.decode("utf-8"), message)
     except (json_format.ParseError, UnicodeDecodeError, ValueError) as exc:
-        raise SettingsFileError(f"{path}: not valid settings JSON: {exc}") from exc
+        raise SettingsFileError(f"{path}: {_describe(str(exc))}") from None
     return message, data
+
+
+def _describe(error: str) -> str:
+    """The parser's complaint without any value from the file, which may be a secret."""
+    if error.startswith("Failed to load JSON"):
+        return "not valid JSON: " + error.removeprefix("Failed to load JSON: ")
+    fields = re.findall(r"Failed to parse (\w+) field", error)
+    unknown = re.search(r'has no field named "([^"]+)"', error)
+    if unknown:
+        return f"unknown field {'.'.join([*fields, unknown.group(1)])}"
+    if fields:
+        return f"field {'.'.join(fields)} has a value of the wrong type"
+    return "not valid settings JSON"
 
 
 class SettingsStore:
@@ -107,8 +121,13 @@ class SettingsStore:
         stamp = self._disk_stamp()
         if stamp == self._stamp:
             return self._snapshot
-        snapshot = self._load()
-        self._stamp = stamp
+        try:
+            snapshot = self._load()
+        except SettingsFileError as exc:
+            raise FailedPrecondition(
+                f"the settings file was edited and is now invalid ({exc}); fix or restore it",
+                reason="SETTINGS_FILE_INVALID",
+            ) from None
         return snapshot
 
     @property
@@ -127,7 +146,9 @@ class SettingsStore:
         if violations:
             listed = "; ".join(f"{v.field}: {v.description}" for v in violations)
             raise SettingsFileError(f"{self._settings_path}: invalid settings: {listed}")
-        etag = settings.etag or hashlib.sha256(data).hexdigest()[:16]
+        # The etag is the file's digest: every write (which stores a fresh nonce in the
+        # file's etag field) and every edit from outside changes it.
+        etag = hashlib.sha256(data).hexdigest()[:16]
         settings.ClearField("etag")
         return Snapshot(settings, etag, acl, compiled)
 
@@ -165,11 +186,27 @@ class SettingsStore:
                 raise InvalidArgument(violations)
             stored = rules.for_storage(new)
             stored.etag = secrets.token_hex(8)
-            _atomic_write(self._settings_path, _to_json(stored))
+            data = _to_json(stored)
+            _atomic_write(self._settings_path, data)
             self._stamp = self._disk_stamp()
-            etag = stored.etag
             stored.ClearField("etag")
-            return Snapshot(stored, etag, current.acl, compiled)
+            return Snapshot(stored, hashlib.sha256(data).hexdigest()[:16], current.acl, compiled)
+
+    async def reload_if_changed(self) -> bool:
+        """Pick up an edit made outside the service; an invalid one raises SettingsFileError
+        and the settings in memory keep serving. True when something new was loaded."""
+        async with self._lock:
+            stamp = self._disk_stamp()
+            if stamp == self._stamp:
+                return False
+            try:
+                snapshot = await asyncio.to_thread(self._load)
+            finally:
+                self._stamp = stamp  # a bad file is reported once, not at every look
+            if snapshot.etag == self._snapshot.etag and snapshot.acl == self._snapshot.acl:
+                return False
+            self._publish(snapshot)
+            return True
 
     async def update_acl(self, acl: SettingsAcl) -> Snapshot:
         async with self._lock:

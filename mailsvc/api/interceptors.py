@@ -15,6 +15,7 @@ import grpc
 from mailsvc.api.status import internal_status, to_status
 from mailsvc.auth import Principal, TokenVerifier
 from mailsvc.errors import MailsvcError
+from mailsvc.metrics import Metrics
 
 log = logging.getLogger("mailsvc.access")
 _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -43,8 +44,9 @@ def _authorization(metadata: Any) -> str | None:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, metrics: Metrics) -> None:
         self._verifier = verifier
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -57,6 +59,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         inner = handler.unary_unary
         verifier = self._verifier
+        name = method.lstrip("/")
+        rpcs = self._metrics.rpcs
+        latency = self._metrics.rpc_seconds.labels(name)
         authorization = _authorization(details.invocation_metadata)
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -80,13 +85,20 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 status = internal_status()
                 await context.abort(status.code, status.details, status.trailing_metadata)
             finally:
+                elapsed = time.perf_counter() - start
+                rpcs.labels(name, code).inc()
+                latency.observe(elapsed)
+                fields = {
+                    "method": name,
+                    "caller": info.principal.sub if info else "-",
+                    "code": code,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "message_id": (info.message_id if info else "") or "-",
+                }
                 log.info(
-                    "rpc method=%s caller=%s code=%s duration_ms=%.1f message_id=%s",
-                    method,
-                    info.principal.sub if info else "-",
-                    code,
-                    (time.perf_counter() - start) * 1000,
-                    (info.message_id if info else "") or "-",
+                    "rpc method=%s caller=%s code=%s duration_ms=%s message_id=%s",
+                    *fields.values(),
+                    extra=fields,
                 )
 
         return grpc.unary_unary_rpc_method_handler(

@@ -14,6 +14,7 @@ from mailsvc.errors import InvalidArgument, PermissionDenied
 from mailsvc.idempotency import IdempotencyStore, fingerprint
 from mailsvc.mailer import Mailer
 from mailsvc.message import Mail
+from mailsvc.metrics import Metrics
 from mailsvc.store import SettingsStore, Snapshot
 from mailsvc.transports.base import Delivery
 from mailsvc.v1 import mail_pb2 as pb
@@ -45,7 +46,9 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         store: SettingsStore,
         mailer: Mailer,
         idempotency: IdempotencyStore,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._config = config
         self._store = store
         self._mailer = mailer
@@ -68,9 +71,11 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
             delivery = await self._mailer.send(snapshot, mail, timeout=context.time_remaining())
             return _response(delivery).SerializeToString()
 
-        data, _ = await self._idempotency.run(
+        data, replayed = await self._idempotency.run(
             call.principal.sub, key, _fingerprint(method, request), send
         )
+        if replayed:
+            self._metrics.replays.inc()
         response = pb.SendMailResponse.FromString(data)
         call.message_id = response.message_id
         return response

@@ -122,6 +122,7 @@ class SmtpTransport:
         self._tls = ssl.create_default_context()
         self._local_hostname = socket.gethostname() or "localhost"
         self.connections_opened = 0
+        self.in_use = 0
 
     async def _connect(self, timeout: float) -> aiosmtplib.SMTP:
         account = self._account
@@ -170,6 +171,15 @@ class SmtpTransport:
 
     @asynccontextmanager
     async def _connection(self, timeout: float) -> AsyncIterator[_Connection]:
+        async with self._pooled_or_fresh(timeout) as conn:
+            self.in_use += 1
+            try:
+                yield conn
+            finally:
+                self.in_use -= 1
+
+    @asynccontextmanager
+    async def _pooled_or_fresh(self, timeout: float) -> AsyncIterator[_Connection]:
         if self._slots is None:
             conn = _Connection(await self._connect(timeout))
             try:

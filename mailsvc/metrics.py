@@ -1,0 +1,72 @@
+"""Prometheus metrics: one registry per server, passed to whoever counts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Metrics:
+    """The service's series; names follow Prometheus conventions."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rpcs = Counter(
+            "mailsvc_rpc_requests",
+            "RPCs handled, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rpc_seconds = Histogram(
+            "mailsvc_rpc_duration_seconds",
+            "RPC latency, by method",
+            ["method"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.sends = Counter(
+            "mailsvc_sends",
+            "Mails handed to a transport, by transport and outcome",
+            ["transport", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "mailsvc_send_retries",
+            "Send attempts retried after a transient failure",
+            ["transport"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "mailsvc_failovers",
+            "Mails moved to the next transport after transient failures",
+            ["from_transport", "to_transport"],
+            registry=r,
+        )
+        self.replays = Counter(
+            "mailsvc_idempotent_replays",
+            "Repeated requests answered from the idempotency store",
+            registry=r,
+        )
+        self.smtp_pool_in_use = Gauge(
+            "mailsvc_smtp_pool_connections_in_use",
+            "SMTP connections currently sending",
+            registry=r,
+        )
+        self.settings_reloads = Counter(
+            "mailsvc_settings_reloads",
+            "Settings file changes picked up, by result",
+            ["result"],
+            registry=r,
+        )
+
+    def track_pool(self, in_use: Callable[[], float]) -> None:
+        self.smtp_pool_in_use.set_function(in_use)
+
+    def serve(self, listen: str) -> tuple[WSGIServer, threading.Thread]:
+        """Serve /metrics on host:port in a thread of its own."""
+        host, _, port = listen.rpartition(":")
+        return start_http_server(int(port), host.strip("[]") or "0.0.0.0", registry=self.registry)
