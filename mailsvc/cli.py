@@ -1,4 +1,4 @@
-"""Command line: `mailsvc serve`, `mailsvc token`, `mailsvc health`."""
+"""Command line: `mailsvc serve`, `mailsvc token`, and the client commands of client_cli."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from mailsvc import client_cli
 from mailsvc.config import add_common_flags, add_serve_flags, config_from, data_dir_and_secret
 
 
@@ -29,10 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", default="operator", help="the caller's name (default operator)")
     token.add_argument("--ttl", type=int, help="seconds until the token expires (default never)")
 
-    health = sub.add_parser("health", help="exit 0 when the server reports SERVING")
-    health.add_argument("--server", help="host:port (env MAILSVC_SERVER; default from --listen)")
-    health.add_argument("--service", default="", help="service name; empty = overall")
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait")
+    client_cli.add_commands(sub)  # settings get|put, send, render, health
     return parser
 
 
@@ -67,31 +65,10 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
-def _health(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    target = args.server or environ.get("MAILSVC_SERVER")
-    if not target:
-        listen = environ.get("MAILSVC_LISTEN") or "127.0.0.1:50051"
-        host, _, port = listen.rpartition(":")
-        target = f"{'127.0.0.1' if host in ('0.0.0.0', '', '[::]') else host}:{port}"
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
-            )
-        except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environ = dict(os.environ)
-    commands = {"serve": _serve, "token": _token, "health": _health}
-    return commands[args.command](args, environ)
+    commands = {"serve": _serve, "token": _token}
+    if args.command in commands:
+        return commands[args.command](args, environ)
+    return client_cli.run(args, environ)

@@ -103,6 +103,7 @@ class SettingsStore:
         self._listeners: list[Callable[[Snapshot], None]] = []
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._stamp = self._disk_stamp()
+        self._bad_stamp: tuple[tuple[int, int, int] | None, ...] | None = None
         self._snapshot = self._load()
 
     def _disk_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
@@ -197,12 +198,14 @@ class SettingsStore:
         and the settings in memory keep serving. True when something new was loaded."""
         async with self._lock:
             stamp = self._disk_stamp()
-            if stamp == self._stamp:
+            if stamp in (self._stamp, self._bad_stamp):
                 return False
             try:
                 snapshot = await asyncio.to_thread(self._load)
-            finally:
-                self._stamp = stamp  # a bad file is reported once, not at every look
+            except SettingsFileError:
+                self._bad_stamp = stamp  # reported once, not at every look
+                raise
+            self._stamp = stamp
             if snapshot.etag == self._snapshot.etag and snapshot.acl == self._snapshot.acl:
                 return False
             self._publish(snapshot)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -265,10 +264,7 @@ def smtp_factory(server_ssl_context: ssl.SSLContext) -> Iterator[Callable[..., S
         if auth:
             kwargs.update(authenticator=_authenticator, auth_required=True, auth_require_tls=False)
         controller = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
-        with warnings.catch_warnings():
-            # aiosmtpd warns about AUTH without TLS, which these sinks want on purpose.
-            warnings.simplefilter("ignore", UserWarning)
-            controller.start()
+        controller.start()
         sink = SmtpSink("127.0.0.1", port, handler, controller)
         sinks.append(sink)
         return sink

