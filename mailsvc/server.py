@@ -25,6 +25,7 @@ from mailsvc.templates import TemplateEngine
 from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2, settings_pb2_grpc
 
 log = logging.getLogger(__name__)
+SETTLE_SECONDS = 0.5
 SERVICES = (
     mail_pb2.DESCRIPTOR.services_by_name["MailService"].full_name,
     settings_pb2.DESCRIPTOR.services_by_name["SettingsService"].full_name,
@@ -142,6 +143,9 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     for task in background:
         task.cancel()
     await running.health.enter_graceful_shutdown()
+    # Calls already sent but not yet handed to a handler would be cancelled by stop(): give
+    # them, and load balancers watching health, a moment before new calls are refused.
+    await asyncio.sleep(min(SETTLE_SECONDS, config.grace_seconds))
     await running.server.stop(config.grace_seconds)
     await running.mailer.aclose()
     running.idempotency.close()
