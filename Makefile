@@ -6,8 +6,13 @@ PROTOS := $(wildcard protos/mailsvc/v1/*.proto)
 PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) \
 	--descriptor_set_out=$(1)/mailsvc.protoset --include_imports $(PROTOS)
+# buf (proto lint) comes from npm, pinned, installed under .tools/ (git-ignored).
+BUF_VERSION := 1.75.0
+TOOLS := .tools
+BUF := $(TOOLS)/node_modules/.bin/buf
+BUF_STAMP := $(TOOLS)/.buf-$(BUF_VERSION)
 
-.PHONY: venv generate check-generated test lint run bench clean
+.PHONY: venv generate check-generated test lint buf run bench clean
 
 venv: $(STAMP)
 
@@ -32,13 +37,28 @@ check-generated: $(STAMP)
 test: $(STAMP) check-generated
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
+buf: $(BUF_STAMP)
+
+$(BUF_STAMP):
+	npm install --prefix $(TOOLS) --no-save --no-package-lock --no-audit --no-fund \
+		--ignore-scripts @bufbuild/buf@$(BUF_VERSION)
+	touch $@
+
+lint: $(STAMP) $(BUF_STAMP)
 	$(BIN)/ruff check mailsvc tests
 	$(BIN)/ruff format --check mailsvc tests
 	$(BIN)/mypy
+	$(BUF) lint
 
 run: $(STAMP)
 	$(BIN)/mailsvc serve --dev
 
+# The benchmark (bench/): installs the bench extra once, then runs every scenario (~3-5 min).
+# BENCH_ARGS passes options on, e.g. BENCH_ARGS='--calls 2000 --profile always'.
+bench: $(STAMP)
+	@$(BIN)/python -c 'import aiohttp, matplotlib' 2>/dev/null && test -x $(BIN)/py-spy || \
+		$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TOOLS) build *.egg-info

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
-from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2, settings_pb2_grpc
+from mailsvc.v1 import mail_pb2, settings_pb2
+
+if TYPE_CHECKING:
+    import grpc
+
+# grpc and the *_grpc stubs are imported in the functions that use them, so that run() can
+# set GRPC_VERBOSITY first: gRPC's C core reads it once, when grpc is first imported.
 
 Handler = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
@@ -184,6 +188,11 @@ def _positive_seconds(value: str) -> float:
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run the client command `args` names; report failures on stderr and return the exit code."""
     handler: Handler = args.client_command
+    # gRPC's C core logs failed TLS handshakes and the like on stderr, ahead of our own
+    # `CODE: message` line, which says it all. GRPC_VERBOSITY=info brings them back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    import grpc
+
     try:
         return handler(args, environ)
     except UsageError as exc:
@@ -195,6 +204,8 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _report(exc: grpc.RpcError, *, token_given: bool) -> None:
+    import grpc
+
     code = exc.code()
     print(f"{code.name}: {exc.details()}", file=sys.stderr)
     for violation in _field_violations(exc):
@@ -206,6 +217,8 @@ def _report(exc: grpc.RpcError, *, token_given: bool) -> None:
 def _field_violations(
     exc: grpc.RpcError,
 ) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    from grpc_status import rpc_status
+
     try:
         status = rpc_status.from_call(exc)
     except (ValueError, AttributeError):  # no call behind the error, or inconsistent trailers
@@ -237,6 +250,8 @@ def _server(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
 
 @contextmanager
 def _channel(args: argparse.Namespace, environ: Mapping[str, str]) -> Iterator[grpc.Channel]:
+    import grpc
+
     target = _server(args, environ)
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
         with grpc.insecure_channel(target) as channel:
@@ -330,6 +345,8 @@ def _parameters(pairs: Sequence[str]) -> Struct:
 
 
 def _settings_get(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import settings_pb2_grpc
+
     with _channel(args, environ) as channel:
         reply = settings_pb2_grpc.SettingsServiceStub(channel).GetMailSettings(
             settings_pb2.GetMailSettingsRequest(), **_call(args, environ)
@@ -338,6 +355,8 @@ def _settings_get(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _settings_put(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import settings_pb2_grpc
+
     name = "stdin" if args.file == "-" else args.file
     settings = settings_pb2.MailSettings()
     try:
@@ -355,6 +374,8 @@ def _settings_put(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import mail_pb2_grpc
+
     if args.text_file == "-" and args.html_file == "-":
         raise UsageError("only one of --text-file and --html-file can be - (stdin)")
     text = _read_text(args.text_file) if args.text_file else args.text
@@ -382,6 +403,8 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _render(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import mail_pb2_grpc
+
     request = mail_pb2.RenderTemplateRequest(
         template_name=args.template,
         parameters=_parameters(args.param),
@@ -397,6 +420,8 @@ def _render(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _health(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with _channel(args, environ) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

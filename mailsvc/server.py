@@ -40,6 +40,7 @@ class ListenError(Exception):
 class Running:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
+    interceptor: RpcInterceptor
     store: SettingsStore
     mailer: Mailer
     idempotency: IdempotencyStore
@@ -73,8 +74,9 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     metrics = Metrics()
     mailer = Mailer(config, metrics)
     idempotency = IdempotencyStore(config.data_dir / "idempotency.sqlite3")
+    interceptor = RpcInterceptor(TokenVerifier(secret), metrics)
     server = grpc.aio.server(
-        interceptors=[RpcInterceptor(TokenVerifier(secret), metrics)],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
             ("grpc.so_reuseport", 0),
@@ -92,7 +94,7 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     if config.dev:
         token = mint_token(secret, [SUPERADMIN], "dev", ttl=None)
         print(f"dev mode: superadmin token: {token}", flush=True)
-    return Running(server, health_servicer, store, mailer, idempotency, metrics)
+    return Running(server, health_servicer, interceptor, store, mailer, idempotency, metrics)
 
 
 async def _purge_forever(idempotency: IdempotencyStore) -> None:
@@ -142,9 +144,10 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     log.info("shutting down: draining in-flight calls (grace %.0fs)", config.grace_seconds)
     for task in background:
         task.cancel()
+    running.interceptor.draining = True
     await running.health.enter_graceful_shutdown()
-    # Calls already sent but not yet handed to a handler would be cancelled by stop(): give
-    # them, and load balancers watching health, a moment before new calls are refused.
+    # stop() cancels calls that arrived but were not handed to a handler yet; during this
+    # moment they are answered UNAVAILABLE instead, which clients know to retry.
     await asyncio.sleep(min(SETTLE_SECONDS, config.grace_seconds))
     await running.server.stop(config.grace_seconds)
     await running.mailer.aclose()

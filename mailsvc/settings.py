@@ -25,7 +25,12 @@ _NESTED = {"smtp": _fields(SmtpSettings), "mailgun": _fields(MailgunSettings)}
 
 
 def _snake(path: str) -> str:
-    return ".".join(_CAMEL.sub("_", part).lower() for part in path.split("."))
+    """camelCase field names to snake_case; a template's name is kept as written."""
+    head, dot, rest = path.partition(".")
+    head = _CAMEL.sub("_", head).lower()
+    if head == "templates":
+        return head + dot + rest
+    return ".".join([head, *(_CAMEL.sub("_", p).lower() for p in rest.split(".") if dot)])
 
 
 def redact(settings: MailSettings) -> MailSettings:

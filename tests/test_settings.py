@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
+from google.protobuf import field_mask_pb2, json_format
 from mailsvc.v1 import settings_pb2
 
 from tests.conftest import (
@@ -755,3 +755,13 @@ def test_acl_survives_restart(server: Server, server_factory: ServerFactory) -> 
     assert get_acl(restarted) == acl
     get(restarted, AUDITOR)
     update(restarted, settings_pb2.MailSettings(), metadata=OPS)
+
+
+def test_mask_keeps_the_case_of_a_template_name(server: Server) -> None:
+    template = settings_pb2.MailTemplate(to=["a@example.com"], subject="Hi", text="Hello")
+    request = settings_pb2.UpdateMailSettingsRequest(
+        settings=settings_pb2.MailSettings(templates={"WelcomeMail": template}),
+        update_mask=field_mask_pb2.FieldMask(paths=["templates.WelcomeMail"]),
+    )
+    stored = server.settings.UpdateMailSettings(request, metadata=SUPERADMIN, timeout=10)
+    assert list(stored.templates) == ["WelcomeMail"]

@@ -14,7 +14,7 @@ import grpc
 
 from mailsvc.api.status import internal_status, to_status
 from mailsvc.auth import Principal, TokenVerifier
-from mailsvc.errors import MailsvcError
+from mailsvc.errors import MailsvcError, Unavailable
 from mailsvc.metrics import Metrics
 
 log = logging.getLogger("mailsvc.access")
@@ -47,6 +47,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, verifier: TokenVerifier, metrics: Metrics) -> None:
         self._verifier = verifier
         self._metrics = metrics
+        self.draining = False  # set at shutdown: calls not yet started are refused
 
     async def intercept_service(
         self,
@@ -69,6 +70,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             code = "OK"
             info: CallInfo | None = None
             try:
+                if self.draining:
+                    raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
                 info = CallInfo(verifier.principal(authorization))
                 _call.set(info)
                 return await inner(request, context)

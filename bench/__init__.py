@@ -1,0 +1,1 @@
+"""The mailsvc benchmark: `make bench` (or `python -m bench.run`) runs it."""

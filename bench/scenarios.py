@@ -1,0 +1,62 @@
+"""The scenarios of one benchmark run, and how many calls each cell makes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONCURRENCY = (1, 16, 64)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One line of the table and the chart.
+
+    `kind` is the load generator's KIND; `system` names what the calls hit, whose process
+    is "the server" of the row (its CPU and peak RSS are reported).
+    """
+
+    key: str
+    title: str
+    kind: str
+    system: str
+    scale: float = 1.0  # of the run's calls per cell, for scenarios that are slow by design
+
+    @property
+    def is_mailsvc(self) -> bool:
+        return self.system in SERVER_SYSTEMS
+
+
+SERVER_SYSTEMS = ("pooled", "per-mail", "mailgun")
+DOWNSTREAM = {"pooled": "sink", "per-mail": "sink", "mailgun": "standin"}
+
+# In the order of the table. Runs are grouped by system instead (see run.py).
+SCENARIOS = (
+    Scenario("noop", "ceiling: no-op RPC (Health/Check)", "noop", "pooled"),
+    Scenario("smtp-ceiling", "ceiling: SMTP sink, direct (4 conns)", "smtp", "sink"),
+    Scenario("http-ceiling", "ceiling: Mailgun stand-in, direct", "http", "standin"),
+    Scenario(
+        "smtp-per-mail", "baseline: SendMail→SMTP, conn per mail", "send:smtp", "per-mail", 0.5
+    ),
+    Scenario("smtp-pooled", "SendMail→SMTP (pooled)", "send:smtp", "pooled"),
+    Scenario("mailgun", "SendMail→Mailgun stand-in", "send:mailgun", "mailgun"),
+    Scenario("templated", "SendTemplatedMail→SMTP", "templated:smtp", "pooled"),
+)
+BY_KEY = {s.key: s for s in SCENARIOS}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Calls per cell after a warm-up; single-call cells are slower, so they make fewer."""
+
+    calls: int = 8000
+    warmup: int = 800
+    single_scale: float = 0.5
+    loadgen_procs: int = 1
+    max_seconds: float = 60.0
+
+    def calls_for(self, scenario: Scenario, concurrency: int) -> tuple[int, int]:
+        """(warm-up calls, measured calls) of one cell."""
+        scale = scenario.scale * (self.single_scale if concurrency == 1 else 1.0)
+        calls = max(10, round(self.calls * scale))
+        warmup = max(concurrency, round(self.warmup * scale))
+        return warmup, calls

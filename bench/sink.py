@@ -1,0 +1,88 @@
+"""The SMTP sink, a process of its own: counts every mail and keeps a few raw ones.
+
+    python -m bench.sink --samples DIR [--port N]
+
+Says `READY <port>`, then answers `count` on stdin until `quit` or the end of stdin. Of each
+subject it keeps the 1st, the 1+every-th, ... mail (at most `--per-subject`) as `<n>.eml` with
+its envelope beside it as `<n>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from bench.control import answer_commands, say
+
+
+def subject_of(raw: bytes) -> str:
+    """The Subject header, read cheaply from the raw header block (not decoded)."""
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    match = re.search(rb"(?mi)^Subject:[ \t]*(.*)$", head)
+    return match.group(1).strip().decode("ascii", "replace") if match else ""
+
+
+class CountingHandler:
+    """aiosmtpd handler: accept every mail, count it, keep a sample."""
+
+    def __init__(self, samples: Path, *, every: int, per_subject: int) -> None:
+        self.count = 0
+        self._samples = samples
+        self._every = every
+        self._per_subject = per_subject
+        self._seen: Counter[str] = Counter()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.count += 1
+        raw = bytes(envelope.content)
+        subject = subject_of(raw)
+        nth = self._seen[subject]
+        self._seen[subject] += 1
+        if nth % self._every == 0 and nth // self._every < self._per_subject:
+            self._keep(raw, envelope.mail_from, list(envelope.rcpt_tos))
+        return "250 OK"
+
+    def _keep(self, raw: bytes, mail_from: str, rcpt_tos: list[str]) -> None:
+        stem = self._samples / f"{self.count:08d}"
+        stem.with_suffix(".eml").write_bytes(raw)
+        envelope = {"mail_from": mail_from, "rcpt_tos": rcpt_tos}
+        stem.with_suffix(".json").write_text(json.dumps(envelope))
+
+
+async def serve(port: int, handler: CountingHandler) -> None:
+    loop = asyncio.get_running_loop()
+    # A fixed hostname: aiosmtpd would otherwise look up the FQDN for every connection.
+    server = await loop.create_server(
+        lambda: SMTP(handler, hostname="bench-sink", ident="bench-sink"),
+        host="127.0.0.1",
+        port=port,
+        backlog=1024,
+    )
+    say("READY", server.sockets[0].getsockname()[1])
+    try:
+        await answer_commands({"count": lambda: handler.count})
+    finally:
+        server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--samples", type=Path, required=True)
+    parser.add_argument("--every", type=int, default=500)
+    parser.add_argument("--per-subject", type=int, default=10)
+    args = parser.parse_args()
+    args.samples.mkdir(parents=True, exist_ok=True)
+    handler = CountingHandler(args.samples, every=args.every, per_subject=args.per_subject)
+    asyncio.run(serve(args.port, handler))
+
+
+if __name__ == "__main__":
+    main()
