@@ -128,7 +128,7 @@ def chart(cells: Iterable[Cell], path: Path, scenarios: Sequence[Scenario] = SCE
     by_scenario: dict[str, list[Cell]] = {}
     for c in cells:
         by_scenario.setdefault(c.scenario, []).append(c)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6))
     for scenario in scenarios:
         points = sorted(by_scenario.get(scenario.key, []), key=lambda c: c.concurrency)
         if not points:
@@ -145,9 +145,10 @@ def chart(cells: Iterable[Cell], path: Path, scenarios: Sequence[Scenario] = SCE
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8, loc="best")
-    fig.suptitle("mailsvc benchmark (127.0.0.1, 2 cores)")
-    fig.tight_layout()
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"mailsvc benchmark (127.0.0.1, {os.cpu_count()} cores)")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
+from functools import lru_cache
 from typing import Any
 
 from mailsvc.auth import Principal
@@ -41,7 +42,11 @@ class MailRequest:
 
 def sender_of(settings: MailSettings, config: Config) -> Address:
     """The From the operator configured: the settings' default_from, else the server's."""
-    value = settings.default_from or config.default_from
+    return _configured_sender(settings.default_from or config.default_from)
+
+
+@lru_cache(maxsize=64)
+def _configured_sender(value: str) -> Address:
     name, addr = parseaddr(value)
     return Address(name, addr or value)
 

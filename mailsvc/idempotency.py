@@ -92,8 +92,6 @@ class IdempotencyStore:
         Returns (response, replayed). The first call runs in its own task, so a caller that
         goes away mid-send does not stop it from being recorded for the retry.
         """
-        if not key:
-            return await call(), False
         slot = (caller, key)
         while True:
             kept = self._lookup(caller, key)

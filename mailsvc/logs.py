@@ -11,6 +11,10 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 def configure(log_format: str, level: int = logging.INFO) -> None:
+    # Neither format shows them, and finding them out costs a system call per record.
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(

@@ -90,8 +90,11 @@ class Mailer:
     async def _slot(self, deadline: float) -> AsyncIterator[None]:
         wait = deadline - asyncio.get_running_loop().time() - QUEUE_MARGIN
         try:
-            async with asyncio.timeout(max(wait, 0)):
-                await self._in_flight.acquire()
+            if self._in_flight.locked():
+                async with asyncio.timeout(max(wait, 0)):
+                    await self._in_flight.acquire()
+            else:
+                await self._in_flight.acquire()  # free now: no need to arm a timer
         except TimeoutError:
             raise ResourceExhausted(
                 "too many mails in flight to start this one before the deadline",

@@ -67,16 +67,22 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         if len(key) > MAX_KEY_LENGTH:
             raise InvalidArgument.one("idempotency_key", f"at most {MAX_KEY_LENGTH} characters")
 
-        async def send() -> bytes:
+        async def send() -> pb.SendMailResponse:
             delivery = await self._mailer.send(snapshot, mail, timeout=context.time_remaining())
-            return _response(delivery).SerializeToString()
+            return _response(delivery)
 
-        data, replayed = await self._idempotency.run(
-            call.principal.sub, key, _fingerprint(method, request), send
-        )
-        if replayed:
-            self._metrics.replays.inc()
-        response = pb.SendMailResponse.FromString(data)
+        async def send_recorded() -> bytes:
+            return (await send()).SerializeToString()
+
+        if key:
+            data, replayed = await self._idempotency.run(
+                call.principal.sub, key, _fingerprint(method, request), send_recorded
+            )
+            if replayed:
+                self._metrics.replays.inc()
+            response = pb.SendMailResponse.FromString(data)
+        else:
+            response = await send()
         call.message_id = response.message_id
         return response
 
