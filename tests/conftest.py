@@ -300,6 +300,7 @@ class MailgunStandIn:
         self.requests: list[MailgunRequest] = []
         self.statuses: list[int] = []  # consumed one per request; empty = 200
         self.always: int | None = None  # answer every request with this status
+        self.hang_up = False  # read the request, then close the connection without a reply
         self.key = MAILGUN_KEY
         stand_in = self
 
@@ -325,6 +326,10 @@ class MailgunStandIn:
         authorization = h.headers.get("Authorization", "")
         fields, files = parse_form(h.headers.get("Content-Type", ""), body)
         self.requests.append(MailgunRequest(h.path, authorization, fields, files))
+        if self.hang_up:
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
         status = self.always or (self.statuses.pop(0) if self.statuses else 200)
         if authorization != expected:
             status = 401

@@ -209,6 +209,7 @@ def mailgun(shared_mailgun: MailgunStandIn) -> MailgunStandIn:
     shared_mailgun.requests.clear()
     shared_mailgun.statuses.clear()
     shared_mailgun.always = None
+    shared_mailgun.hang_up = False
     return shared_mailgun
 
 
@@ -478,6 +479,18 @@ def test_mailgun_client_errors_are_not_retried(
     mailgun.always = status
     err = send_fails(shared_server, request())
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+    time.sleep(0.3)
+    assert len(mailgun.requests) == 1
+
+
+def test_mailgun_lost_reply_is_not_retried(
+    shared_server: Server, mailgun: MailgunStandIn
+) -> None:
+    """A connection lost after the request went out may hide a queued mail: never resend."""
+    configure(shared_server, mailgun=True)
+    mailgun.hang_up = True
+    err = send_fails(shared_server, request())
+    assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
     time.sleep(0.3)
     assert len(mailgun.requests) == 1
 

@@ -93,10 +93,16 @@ class MailgunTransport:
                 files=files or None,
                 timeout=timeout,
             )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            raise Unavailable("Mailgun is unreachable", reason="MAILGUN_UNAVAILABLE") from exc
         except httpx.HTTPError as exc:
-            raise Unavailable(
-                "Mailgun is unreachable or timed out", reason="MAILGUN_UNAVAILABLE"
-            ) from exc
+            # The request may have reached Mailgun: retrying could send the mail twice.
+            error = Unavailable(
+                "the connection to Mailgun failed after the request was sent",
+                reason="MAILGUN_UNAVAILABLE",
+            )
+            error.transient = False
+            raise error from exc
         if response.status_code != 200:
             raise map_status(response.status_code)
         try:
