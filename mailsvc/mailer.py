@@ -8,8 +8,6 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
-
 from mailsvc.config import Config
 from mailsvc.errors import DeadlineExceeded, FailedPrecondition, MailsvcError, ResourceExhausted
 from mailsvc.message import Mail
@@ -17,7 +15,12 @@ from mailsvc.metrics import Metrics
 from mailsvc.store import Snapshot
 from mailsvc.transports.base import Delivery, Transport
 from mailsvc.transports.maildir import MaildirTransport
-from mailsvc.transports.mailgun import REGION_URLS, MailgunAccount, MailgunTransport
+from mailsvc.transports.mailgun import (
+    REGION_URLS,
+    MailgunAccount,
+    MailgunTransport,
+    new_http_client,
+)
 from mailsvc.transports.smtp import SmtpAccount, SmtpTransport
 from mailsvc.v1.settings_pb2 import MailSettings, Region
 
@@ -33,9 +36,7 @@ class Mailer:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
-        self._http = httpx.AsyncClient(
-            timeout=30.0, limits=httpx.Limits(max_connections=100, max_keepalive_connections=20)
-        )
+        self._http = new_http_client()
         self._etag: str | None = None
         self._transports: list[Transport] = []
         self._in_flight = asyncio.Semaphore(config.max_in_flight)

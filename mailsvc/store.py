@@ -60,6 +60,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def _to_json(message: Message) -> bytes:
     return (json_format.MessageToJson(message, indent=2, sort_keys=True) + "\n").encode()
 
@@ -100,7 +104,6 @@ class SettingsStore:
         self._lock_path = data_dir / ".settings.lock"
         self._engine = engine
         self._lock = asyncio.Lock()
-        self._listeners: list[Callable[[Snapshot], None]] = []
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._stamp = self._disk_stamp()
         self._bad_stamp: tuple[tuple[int, int, int] | None, ...] | None = None
@@ -135,9 +138,6 @@ class SettingsStore:
     def snapshot(self) -> Snapshot:
         return self._snapshot
 
-    def on_change(self, listener: Callable[[Snapshot], None]) -> None:
-        self._listeners.append(listener)
-
     def _load(self) -> Snapshot:
         loaded = _read(self._settings_path, MailSettings())
         settings, data = loaded if loaded else (MailSettings(), b"")
@@ -149,9 +149,8 @@ class SettingsStore:
             raise SettingsFileError(f"{self._settings_path}: invalid settings: {listed}")
         # The etag is the file's digest: every write (which stores a fresh nonce in the
         # file's etag field) and every edit from outside changes it.
-        etag = hashlib.sha256(data).hexdigest()[:16]
         settings.ClearField("etag")
-        return Snapshot(settings, etag, acl, compiled)
+        return Snapshot(settings, _digest(data), acl, compiled)
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:
@@ -164,8 +163,6 @@ class SettingsStore:
 
     def _publish(self, snapshot: Snapshot) -> Snapshot:
         self._snapshot = snapshot
-        for listener in self._listeners:
-            listener(snapshot)
         return snapshot
 
     async def update(
@@ -191,7 +188,7 @@ class SettingsStore:
             _atomic_write(self._settings_path, data)
             self._stamp = self._disk_stamp()
             stored.ClearField("etag")
-            return Snapshot(stored, hashlib.sha256(data).hexdigest()[:16], current.acl, compiled)
+            return Snapshot(stored, _digest(data), current.acl, compiled)
 
     async def reload_if_changed(self) -> bool:
         """Pick up an edit made outside the service; an invalid one raises SettingsFileError

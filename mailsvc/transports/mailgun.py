@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from mailsvc.errors import (
     FailedPrecondition,
@@ -16,6 +18,26 @@ from mailsvc.errors import (
 )
 from mailsvc.message import Mail
 from mailsvc.transports.base import Delivery, check_size
+
+
+def new_http_client() -> httpx.AsyncClient:
+    """httpx's API over aiohttp's transport (httpx-aiohttp).
+
+    httpx's own transport slows down as requests in flight grow (encode/httpx#3215); in
+    `make bench` this one gave 1.6 times the sends per second for 0.6 times the CPU.
+    """
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+    return httpx.AsyncClient(timeout=30.0, transport=AiohttpTransport(limits=limits))
+
+
+def _not_sent(exc: httpx.HTTPError) -> bool:
+    """Whether the request surely never reached Mailgun (so a retry cannot send twice)."""
+    if isinstance(exc, httpx.ConnectError | httpx.PoolTimeout):
+        return True
+    # The aiohttp transport maps every lost connection to ConnectTimeout; only its cause
+    # tells a failed connect from a reply lost after the request went out.
+    return isinstance(exc.__cause__, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
 
 REGION_URLS = {"US": "https://api.mailgun.net", "EU": "https://api.eu.mailgun.net"}
 
@@ -93,9 +115,9 @@ class MailgunTransport:
                 files=files or None,
                 timeout=timeout,
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise Unavailable("Mailgun is unreachable", reason="MAILGUN_UNAVAILABLE") from exc
         except httpx.HTTPError as exc:
+            if _not_sent(exc):
+                raise Unavailable("Mailgun is unreachable", reason="MAILGUN_UNAVAILABLE") from exc
             # The request may have reached Mailgun: retrying could send the mail twice.
             error = Unavailable(
                 "the connection to Mailgun failed after the request was sent",
