@@ -119,7 +119,12 @@ async def _reload_forever(store: SettingsStore, metrics: Metrics, interval: floa
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
     """Run until SIGTERM or SIGINT, then refuse new work, drain in-flight calls and stop."""
     running = await build_server(config, environ)
-    metrics_server = running.metrics.serve(config.metrics_listen) if config.metrics_listen else None
+    metrics_server = None
+    if config.metrics_listen:
+        try:
+            metrics_server = running.metrics.serve(config.metrics_listen)
+        except (OSError, ValueError) as exc:
+            raise ListenError(f"cannot serve metrics on {config.metrics_listen}") from exc
     await running.server.start()
     for name in ("", *SERVICES):
         await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -483,9 +483,7 @@ def test_mailgun_client_errors_are_not_retried(
     assert len(mailgun.requests) == 1
 
 
-def test_mailgun_lost_reply_is_not_retried(
-    shared_server: Server, mailgun: MailgunStandIn
-) -> None:
+def test_mailgun_lost_reply_is_not_retried(shared_server: Server, mailgun: MailgunStandIn) -> None:
     """A connection lost after the request went out may hide a queued mail: never resend."""
     configure(shared_server, mailgun=True)
     mailgun.hang_up = True

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -333,3 +335,31 @@ def test_outside_edit_takes_effect_and_invalid_edit_is_ignored(
     write_settings(path, invalid)  # parses, but smtp has no host
     wait_until(lambda: server.logs().count("settings file edit ignored") >= 2)
     assert current(server).default_from == "ops@example.com"
+
+
+def test_busy_metrics_port_stops_the_start_clearly(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mailsvc",
+                "serve",
+                "--data-dir",
+                str(tmp_path),
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": os.environ["PATH"], "MAILSVC_JWT_SECRET": JWT_SECRET},
+        )
+    assert result.returncode == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -48,22 +48,31 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._verifier = verifier
         self._metrics = metrics
         self.draining = False  # set at shutdown: calls not yet started are refused
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         method: str = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(details)
         if handler is None or handler.unary_unary is None or method.startswith(_PUBLIC_PREFIXES):
             return handler
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler with authentication, error mapping, metrics and the access log."""
         inner = handler.unary_unary
         verifier = self._verifier
         name = method.lstrip("/")
         rpcs = self._metrics.rpcs
         latency = self._metrics.rpc_seconds.labels(name)
-        authorization = _authorization(details.invocation_metadata)
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
@@ -72,6 +81,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 if self.draining:
                     raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+                authorization = _authorization(context.invocation_metadata())
                 info = CallInfo(verifier.principal(authorization))
                 _call.set(info)
                 return await inner(request, context)

@@ -130,9 +130,13 @@ class MailgunTransport:
         try:
             message_id = str(response.json()["id"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise Unavailable(
-                "Mailgun answered without a message id", reason="MAILGUN_UNAVAILABLE"
-            ) from exc
+            # A 200 means Mailgun took the mail: sending it again would duplicate it.
+            error = Unavailable(
+                "Mailgun accepted the mail but answered without a message id",
+                reason="MAILGUN_UNAVAILABLE",
+            )
+            error.transient = False
+            raise error from exc
         return Delivery(message_id, self.name, mail.recipients)
 
     async def aclose(self) -> None:

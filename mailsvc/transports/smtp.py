@@ -212,23 +212,25 @@ class SmtpTransport:
         check_size(len(raw), self._max_bytes)
         timeout = min(timeout, self._timeout)
         in_data = False
+        # Commands carry no timer of their own: the caller's deadline (Mailer) bounds the
+        # whole send, and a timer per command is a measurable cost.
         try:
             async with self._connection(timeout) as conn:
                 client = conn.client
                 try:
-                    await client.mail(mail.sender.addr, timeout=timeout)
+                    await client.mail(mail.sender.addr, timeout=None)
                     refused: list[aiosmtplib.SMTPRecipientRefused] = []
                     accepted = []
                     for rcpt in mail.recipients:
                         try:
-                            await client.rcpt(rcpt, timeout=timeout)
+                            await client.rcpt(rcpt, timeout=None)
                             accepted.append(rcpt)
                         except aiosmtplib.SMTPRecipientRefused as exc:
                             refused.append(exc)
                     if not accepted:
                         raise aiosmtplib.SMTPRecipientsRefused(refused)
                     in_data = True
-                    await client.data(raw, timeout=timeout)
+                    await client.data(raw, timeout=None)
                 except aiosmtplib.SMTPResponseException:
                     # Leave the connection clean for whoever closes it; the refusal is what
                     # the caller needs to hear about.
