@@ -121,7 +121,6 @@ class SmtpTransport:
         self._closed = False
         self._tls = ssl.create_default_context()
         self._local_hostname = socket.gethostname() or "localhost"
-        self.connections_opened = 0
         self.in_use = 0
 
     async def _connect(self, timeout: float) -> aiosmtplib.SMTP:
@@ -136,7 +135,6 @@ class SmtpTransport:
             timeout=timeout,
         )
         await client.connect()
-        self.connections_opened += 1
         try:
             await client.ehlo()
             if not account.ssl_on_connect:
