@@ -19,7 +19,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	touch $(STAMP)
 
 generate: $(STAMP)
@@ -45,8 +45,8 @@ $(BUF_STAMP):
 	touch $@
 
 lint: $(STAMP) $(BUF_STAMP)
-	$(BIN)/ruff check mailsvc tests
-	$(BIN)/ruff format --check mailsvc tests
+	$(BIN)/ruff check mailsvc tests bench
+	$(BIN)/ruff format --check mailsvc tests bench
 	$(BIN)/mypy
 	$(BUF) lint
 
@@ -56,8 +56,6 @@ run: $(STAMP)
 # The benchmark (bench/): installs the bench extra once, then runs every scenario (~3-5 min).
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS='--calls 2000 --profile always'.
 bench: $(STAMP)
-	@$(BIN)/python -c 'import aiohttp, matplotlib' 2>/dev/null && test -x $(BIN)/py-spy || \
-		$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
