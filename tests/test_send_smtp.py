@@ -5,10 +5,8 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
-import gc
-import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
@@ -16,8 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
 from mailsvc.v1 import mail_pb2, settings_pb2
 
 from tests.conftest import (
@@ -25,7 +21,6 @@ from tests.conftest import (
     SMTP_LOGIN,
     SMTP_PASSWORD,
     Server,
-    SinkHandler,
     SmtpSink,
     details,
     free_port,
@@ -38,72 +33,6 @@ SmtpFactory = Callable[..., SmtpSink]
 SENDER = "sender@example.com"
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 4 + b"\n%%EOF\n"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 2
-
-# The sink's AUTH mode (AUTH without TLS) makes aiosmtpd warn on every connection; the
-# suite turns warnings into errors, which would break the sink, not the server under test.
-auth_without_tls = pytest.mark.filterwarnings(
-    "ignore:Requiring AUTH while not requiring TLS:UserWarning"
-)
-# After a TLS session aiosmtpd leaves the connection's socket and transport to the garbage
-# collector. Only the sink lives in this process (the server is a subprocess), so these
-# warnings are never about the server under test.
-sink_tls_leaks = pytest.mark.filterwarnings("ignore:unclosed:ResourceWarning")
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    """Collect what the sinks leave behind while the test's own warning filters still apply."""
-    yield
-    gc.collect()
-
-
-def _check_login(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
-    ok = (
-        isinstance(data, LoginPassword)
-        and data.login == SMTP_LOGIN.encode()
-        and data.password == SMTP_PASSWORD.encode()
-    )
-    # handled=False makes aiosmtpd answer a refused login with 535 itself; conftest's
-    # authenticator keeps the default handled=True, so a refused login gets no reply at all
-    # and the client can only time out.
-    return AuthResult(success=ok, handled=False)
-
-
-@pytest.fixture
-def auth_sink() -> Iterator[SmtpSink]:
-    """A plain sink that requires AUTH as SMTP_LOGIN / SMTP_PASSWORD."""
-    handler = SinkHandler()
-    port = free_port()
-    controller = Controller(
-        handler,
-        hostname="127.0.0.1",
-        port=port,
-        authenticator=_check_login,
-        auth_required=True,
-        auth_require_tls=False,
-    )
-    controller.start()
-    yield SmtpSink("127.0.0.1", port, handler, controller)
-    controller.stop()
-
-
-@pytest.fixture
-def implicit_sink(server_ssl_context: ssl.SSLContext) -> Iterator[SmtpSink]:
-    """A sink speaking TLS from the first byte.
-
-    conftest's smtp_factory("implicit") replaces aiosmtpd's readiness probe with a no-op, so
-    Controller.start() waits for a first connection that never comes and times out; aiosmtpd's
-    own probe speaks TLS when given an ssl_context, so it is kept here.
-    """
-    handler = SinkHandler()
-    port = free_port()
-    controller = Controller(
-        handler, hostname="127.0.0.1", port=port, ssl_context=server_ssl_context
-    )
-    controller.start()
-    yield SmtpSink("127.0.0.1", port, handler, controller)
-    controller.stop()
-
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -462,11 +391,10 @@ def test_inline_part_and_attachment_together(
 # --- AUTH ----------------------------------------------------------------------------------------
 
 
-@auth_without_tls
 def test_auth_with_right_password_delivers(
-    server_factory: ServerFactory, auth_sink: SmtpSink
+    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink]
 ) -> None:
-    sink = auth_sink
+    sink = smtp_factory(auth=True)
     server = start(server_factory, sink, login=SMTP_LOGIN, password=SMTP_PASSWORD)
 
     response = send(server, to=["alice@example.com"], subject="Authenticated", text="ok")
@@ -477,11 +405,10 @@ def test_auth_with_right_password_delivers(
     assert SMTP_PASSWORD not in server.logs()
 
 
-@auth_without_tls
 def test_auth_with_wrong_password_is_failed_precondition(
-    server_factory: ServerFactory, auth_sink: SmtpSink
+    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink]
 ) -> None:
-    sink = auth_sink
+    sink = smtp_factory(auth=True)
     server = start(server_factory, sink, login=SMTP_LOGIN, password="nope")
 
     err = send_fails(server, to=["alice@example.com"], subject="s", text="t")
@@ -496,7 +423,6 @@ def test_auth_with_wrong_password_is_failed_precondition(
 # --- TLS -------------------------------------------------------------------------------------
 
 
-@sink_tls_leaks
 def test_starttls_required_delivers(
     server_factory: ServerFactory, smtp_factory: SmtpFactory, ca_file: Path
 ) -> None:
@@ -525,7 +451,6 @@ def test_starttls_required_but_not_offered(
     assert_nothing_received(sink)
 
 
-@sink_tls_leaks
 def test_starttls_with_untrusted_certificate_fails(
     server_factory: ServerFactory, smtp_factory: SmtpFactory
 ) -> None:
@@ -538,11 +463,10 @@ def test_starttls_with_untrusted_certificate_fails(
     assert_nothing_received(sink)
 
 
-@sink_tls_leaks
 def test_implicit_tls_delivers(
-    server_factory: ServerFactory, implicit_sink: SmtpSink, ca_file: Path
+    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink], ca_file: Path
 ) -> None:
-    sink = implicit_sink
+    sink = smtp_factory("implicit")
     server = start(server_factory, sink, env={"SSL_CERT_FILE": str(ca_file)}, ssl_on_connect=True)
 
     response = send(server, to=["alice@example.com"], subject="Over TLS", text="secret")
@@ -551,11 +475,10 @@ def test_implicit_tls_delivers(
     assert only_mail(sink)["Subject"] == "Over TLS"
 
 
-@sink_tls_leaks
 def test_implicit_tls_with_untrusted_certificate_fails(
-    server_factory: ServerFactory, implicit_sink: SmtpSink
+    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink]
 ) -> None:
-    sink = implicit_sink
+    sink = smtp_factory("implicit")
     server = start(server_factory, sink, ssl_on_connect=True)
 
     err = send_fails(server, to=["alice@example.com"], subject="s", text="t")
