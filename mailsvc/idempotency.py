@@ -121,5 +121,9 @@ class IdempotencyStore:
         if not task.cancelled():
             task.exception()  # retrieved here, so an abandoned failure is not warned about
 
-    def close(self) -> None:
+    async def aclose(self, timeout: float) -> None:
+        """Let sends whose caller went away finish and be recorded, then close the store."""
+        pending = [task for _, task in self._inflight.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
         self._db.close()

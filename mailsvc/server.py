@@ -155,8 +155,8 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     # moment they are answered UNAVAILABLE instead, which clients know to retry.
     await asyncio.sleep(min(SETTLE_SECONDS, config.grace_seconds))
     await running.server.stop(config.grace_seconds)
+    await running.idempotency.aclose(timeout=config.grace_seconds)
     await running.mailer.aclose()
-    running.idempotency.close()
     if metrics_server is not None:
         metrics_server[0].shutdown()
     log.info("stopped")

@@ -330,6 +330,24 @@ def test_same_key_twice_at_once_sends_once(
     assert message_id_header(slow.received[0]) == responses[0].message_id
 
 
+def test_caller_gone_mid_send_still_records_the_key(
+    shared_server: Server, sink_factory: SinkFactory
+) -> None:
+    """A caller that hangs up during DATA retries: the mail went out once, and the retry
+    gets its response instead of a second mail."""
+    slow = sink_factory(delay=1.0)
+    configure(shared_server, slow)
+    req = request(idempotency_key=key())
+    first = shared_server.mail.SendMail.future(req, metadata=ADMIN, timeout=10)
+    slow.wait_data(1)
+    first.cancel()
+    retry = send(shared_server, req)
+    time.sleep(0.2)
+    assert len(slow.received) == 1
+    assert slow.handler.data_commands == 1
+    assert message_id_header(slow.received[0]) == retry.message_id
+
+
 def test_same_key_of_another_caller_is_its_own_send(shared_server: Server, sink: Sink) -> None:
     configure(shared_server, sink)
     req = request(idempotency_key=key())
