@@ -264,24 +264,16 @@ def test_grpcurl_over_tls(server_factory: ServerFactory, pki: dict[str, Path]) -
     assert plain.returncode != 0
 
 
+def serve_refused(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """Run `mailsvc serve` with flags that must stop it at start."""
+    command = [sys.executable, "-m", "mailsvc", "serve", "--data-dir", str(data_dir)]
+    command += ["--listen", f"127.0.0.1:{free_port()}", *flags]
+    env = {"PATH": os.environ["PATH"], "MAILSVC_JWT_SECRET": JWT_SECRET}
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+
+
 def test_tls_flags_must_come_together(tmp_path: Path, pki: dict[str, Path]) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mailsvc",
-            "serve",
-            "--data-dir",
-            str(tmp_path),
-            "--listen",
-            f"127.0.0.1:{free_port()}",
-            "--tls-cert",
-            str(pki["cert"]),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = serve_refused(tmp_path, "--tls-cert", str(pki["cert"]))
     assert result.returncode == 2
     assert "--tls-key" in result.stderr
 
@@ -342,24 +334,7 @@ def test_busy_metrics_port_stops_the_start_clearly(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mailsvc",
-                "serve",
-                "--data-dir",
-                str(tmp_path),
-                "--listen",
-                f"127.0.0.1:{free_port()}",
-                "--metrics-listen",
-                f"127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env={"PATH": os.environ["PATH"], "MAILSVC_JWT_SECRET": JWT_SECRET},
-        )
+        result = serve_refused(tmp_path, "--metrics-listen", f"127.0.0.1:{port}")
     assert result.returncode == 2
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
