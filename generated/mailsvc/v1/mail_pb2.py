@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mailsvc/v1/mail.proto\x12\nmailsvc.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xbb\x01\n\x0fSendMailRequest\x12\n\n\x02to\x18\x01 \x03(\t\x12\n\n\x02\x63\x63\x18\x02 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x03 \x03(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0c\n\x04html\x18\x06 \x01(\t\x12\x10\n\x08reply_to\x18\x07 \x01(\t\x12+\n\x0b\x61ttachments\x18\x08 \x03(\x0b\x32\x16.mailsvc.v1.Attachment\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\"Y\n\nAttachment\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x12\n\ncontent_id\x18\x04 \x01(\t\"M\n\x10SendMailResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x12\n\nrecipients\x18\x03 \x03(\t\"\x9c\x01\n\x18SendTemplatedMailRequest\x12\x15\n\rtemplate_name\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\n\n\x02to\x18\x03 \x03(\t\x12\n\n\x02\x63\x63\x18\x04 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x05 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\"\x80\x01\n\x15RenderTemplateRequest\x12\x15\n\rtemplate_name\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\n\n\x02to\x18\x03 \x03(\t\x12\n\n\x02\x63\x63\x18\x04 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x05 \x03(\t\"v\n\x0cRenderedMail\x12\x14\n\x0c\x66rom_address\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x03(\t\x12\n\n\x02\x63\x63\x18\x03 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x04 \x03(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0c\n\x04html\x18\x07 \x01(\t2\xfc\x01\n\x0bMailService\x12\x45\n\x08SendMail\x12\x1b.mailsvc.v1.SendMailRequest\x1a\x1c.mailsvc.v1.SendMailResponse\x12W\n\x11SendTemplatedMail\x12$.mailsvc.v1.SendTemplatedMailRequest\x1a\x1c.mailsvc.v1.SendMailResponse\x12M\n\x0eRenderTemplate\x12!.mailsvc.v1.RenderTemplateRequest\x1a\x18.mailsvc.v1.RenderedMailB.Z,example.com/mailsvc/gen/mailsvc/v1;mailsvcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mailsvc/v1/mail.proto\x12\nmailsvc.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf7\x01\n\x0fSendMailRequest\x12\n\n\x02to\x18\x01 \x03(\t\x12\n\n\x02\x63\x63\x18\x02 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x03 \x03(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0c\n\x04html\x18\x06 \x01(\t\x12\x10\n\x08reply_to\x18\x07 \x01(\t\x12+\n\x0b\x61ttachments\x18\x08 \x03(\x0b\x32\x16.mailsvc.v1.Attachment\x12\x17\n\x0fidempotency_key\x18\t \x01(\t\x12\r\n\x05queue\x18\n \x01(\x08\x12+\n\x07send_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Y\n\nAttachment\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x12\n\ncontent_id\x18\x04 \x01(\t\"\x98\x01\n\x10SendMailResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x11\n\ttransport\x18\x02 \x01(\t\x12\x12\n\nrecipients\x18\x03 \x03(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12)\n\x06status\x18\x05 \x01(\x0e\x32\x19.mailsvc.v1.MessageStatus\x12\x12\n\nsuppressed\x18\x06 \x03(\t\"\xd8\x01\n\x18SendTemplatedMailRequest\x12\x15\n\rtemplate_name\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\n\n\x02to\x18\x03 \x03(\t\x12\n\n\x02\x63\x63\x18\x04 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x05 \x03(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\r\n\x05queue\x18\x07 \x01(\x08\x12+\n\x07send_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x80\x01\n\x15RenderTemplateRequest\x12\x15\n\rtemplate_name\x18\x01 \x01(\t\x12+\n\nparameters\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\n\n\x02to\x18\x03 \x03(\t\x12\n\n\x02\x63\x63\x18\x04 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x05 \x03(\t\"v\n\x0cRenderedMail\x12\x14\n\x0c\x66rom_address\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x03(\t\x12\n\n\x02\x63\x63\x18\x03 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x04 \x03(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0c\n\x04html\x18\x07 \x01(\t\"\x8b\x04\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x06status\x18\x02 \x01(\x0e\x32\x19.mailsvc.v1.MessageStatus\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\n\n\x02to\x18\x04 \x03(\t\x12\n\n\x02\x63\x63\x18\x05 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x06 \x03(\t\x12\x0f\n\x07subject\x18\x07 \x01(\t\x12\x15\n\rtemplate_name\x18\x08 \x01(\t\x12\x11\n\ttransport\x18\t \x01(\t\x12\x12\n\nmessage_id\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tsend_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x0f \x01(\x05\x12\x12\n\nlast_error\x18\x10 \x01(\t\x12\x19\n\x11last_error_reason\x18\x11 \x01(\t\x12(\n\x06\x65vents\x18\x12 \x03(\x0b\x32\x18.mailsvc.v1.MessageEvent\x12\x12\n\nsuppressed\x18\x13 \x03(\t\"\x87\x01\n\x0cMessageEvent\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.mailsvc.v1.MessageStatus\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x1f\n\x11GetMessageRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x8a\x01\n\x13ListMessagesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x06status\x18\x03 \x01(\x0e\x32\x19.mailsvc.v1.MessageStatus\x12\x11\n\trecipient\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x05 \x01(\t\"V\n\x14ListMessagesResponse\x12%\n\x08messages\x18\x01 \x03(\x0b\x32\x13.mailsvc.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x14\x43\x61ncelMessageRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x9c\x01\n\x14SendMailBatchRequest\x12\x15\n\rtemplate_name\x18\x01 \x01(\t\x12\'\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x16.mailsvc.v1.BatchEntry\x12+\n\x07send_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"^\n\nBatchEntry\x12\n\n\x02to\x18\x01 \x03(\t\x12\n\n\x02\x63\x63\x18\x02 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x03 \x03(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"F\n\x15SendMailBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.mailsvc.v1.SendMailResponse\"\"\n\x14WatchMessagesRequest\x12\n\n\x02id\x18\x01 \x01(\t*\xaf\x02\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15MESSAGE_STATUS_QUEUED\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_SCHEDULED\x10\x02\x12\x1a\n\x16MESSAGE_STATUS_SENDING\x10\x03\x12\x17\n\x13MESSAGE_STATUS_SENT\x10\x04\x12\x1c\n\x18MESSAGE_STATUS_DELIVERED\x10\x05\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x06\x12\x1a\n\x16MESSAGE_STATUS_BOUNCED\x10\x07\x12\x1d\n\x19MESSAGE_STATUS_COMPLAINED\x10\x08\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\t2\xfe\x04\n\x0bMailService\x12\x45\n\x08SendMail\x12\x1b.mailsvc.v1.SendMailRequest\x1a\x1c.mailsvc.v1.SendMailResponse\x12W\n\x11SendTemplatedMail\x12$.mailsvc.v1.SendTemplatedMailRequest\x1a\x1c.mailsvc.v1.SendMailResponse\x12M\n\x0eRenderTemplate\x12!.mailsvc.v1.RenderTemplateRequest\x1a\x18.mailsvc.v1.RenderedMail\x12@\n\nGetMessage\x12\x1d.mailsvc.v1.GetMessageRequest\x1a\x13.mailsvc.v1.Message\x12Q\n\x0cListMessages\x12\x1f.mailsvc.v1.ListMessagesRequest\x1a .mailsvc.v1.ListMessagesResponse\x12\x46\n\rCancelMessage\x12 .mailsvc.v1.CancelMessageRequest\x1a\x13.mailsvc.v1.Message\x12T\n\rSendMailBatch\x12 .mailsvc.v1.SendMailBatchRequest\x1a!.mailsvc.v1.SendMailBatchResponse\x12M\n\rWatchMessages\x12 .mailsvc.v1.WatchMessagesRequest\x1a\x18.mailsvc.v1.MessageEvent0\x01\x42.Z,example.com/mailsvc/gen/mailsvc/v1;mailsvcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +34,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mailsvc.v1.mail_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z,example.com/mailsvc/gen/mailsvc/v1;mailsvcv1'
-  _globals['_SENDMAILREQUEST']._serialized_start=68
-  _globals['_SENDMAILREQUEST']._serialized_end=255
-  _globals['_ATTACHMENT']._serialized_start=257
-  _globals['_ATTACHMENT']._serialized_end=346
-  _globals['_SENDMAILRESPONSE']._serialized_start=348
-  _globals['_SENDMAILRESPONSE']._serialized_end=425
-  _globals['_SENDTEMPLATEDMAILREQUEST']._serialized_start=428
-  _globals['_SENDTEMPLATEDMAILREQUEST']._serialized_end=584
-  _globals['_RENDERTEMPLATEREQUEST']._serialized_start=587
-  _globals['_RENDERTEMPLATEREQUEST']._serialized_end=715
-  _globals['_RENDEREDMAIL']._serialized_start=717
-  _globals['_RENDEREDMAIL']._serialized_end=835
-  _globals['_MAILSERVICE']._serialized_start=838
-  _globals['_MAILSERVICE']._serialized_end=1090
+  _globals['_MESSAGESTATUS']._serialized_start=2392
+  _globals['_MESSAGESTATUS']._serialized_end=2695
+  _globals['_SENDMAILREQUEST']._serialized_start=101
+  _globals['_SENDMAILREQUEST']._serialized_end=348
+  _globals['_ATTACHMENT']._serialized_start=350
+  _globals['_ATTACHMENT']._serialized_end=439
+  _globals['_SENDMAILRESPONSE']._serialized_start=442
+  _globals['_SENDMAILRESPONSE']._serialized_end=594
+  _globals['_SENDTEMPLATEDMAILREQUEST']._serialized_start=597
+  _globals['_SENDTEMPLATEDMAILREQUEST']._serialized_end=813
+  _globals['_RENDERTEMPLATEREQUEST']._serialized_start=816
+  _globals['_RENDERTEMPLATEREQUEST']._serialized_end=944
+  _globals['_RENDEREDMAIL']._serialized_start=946
+  _globals['_RENDEREDMAIL']._serialized_end=1064
+  _globals['_MESSAGE']._serialized_start=1067
+  _globals['_MESSAGE']._serialized_end=1590
+  _globals['_MESSAGEEVENT']._serialized_start=1593
+  _globals['_MESSAGEEVENT']._serialized_end=1728
+  _globals['_GETMESSAGEREQUEST']._serialized_start=1730
+  _globals['_GETMESSAGEREQUEST']._serialized_end=1761
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1764
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1902
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1904
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1990
+  _globals['_CANCELMESSAGEREQUEST']._serialized_start=1992
+  _globals['_CANCELMESSAGEREQUEST']._serialized_end=2026
+  _globals['_SENDMAILBATCHREQUEST']._serialized_start=2029
+  _globals['_SENDMAILBATCHREQUEST']._serialized_end=2185
+  _globals['_BATCHENTRY']._serialized_start=2187
+  _globals['_BATCHENTRY']._serialized_end=2281
+  _globals['_SENDMAILBATCHRESPONSE']._serialized_start=2283
+  _globals['_SENDMAILBATCHRESPONSE']._serialized_end=2353
+  _globals['_WATCHMESSAGESREQUEST']._serialized_start=2355
+  _globals['_WATCHMESSAGESREQUEST']._serialized_end=2389
+  _globals['_MAILSERVICE']._serialized_start=2698
+  _globals['_MAILSERVICE']._serialized_end=3336
 # @@protoc_insertion_point(module_scope)

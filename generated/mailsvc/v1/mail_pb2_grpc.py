@@ -50,6 +50,31 @@ class MailServiceStub:
                 request_serializer=mailsvc_dot_v1_dot_mail__pb2.RenderTemplateRequest.SerializeToString,
                 response_deserializer=mailsvc_dot_v1_dot_mail__pb2.RenderedMail.FromString,
                 _registered_method=True)
+        self.GetMessage = channel.unary_unary(
+                '/mailsvc.v1.MailService/GetMessage',
+                request_serializer=mailsvc_dot_v1_dot_mail__pb2.GetMessageRequest.SerializeToString,
+                response_deserializer=mailsvc_dot_v1_dot_mail__pb2.Message.FromString,
+                _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/mailsvc.v1.MailService/ListMessages',
+                request_serializer=mailsvc_dot_v1_dot_mail__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=mailsvc_dot_v1_dot_mail__pb2.ListMessagesResponse.FromString,
+                _registered_method=True)
+        self.CancelMessage = channel.unary_unary(
+                '/mailsvc.v1.MailService/CancelMessage',
+                request_serializer=mailsvc_dot_v1_dot_mail__pb2.CancelMessageRequest.SerializeToString,
+                response_deserializer=mailsvc_dot_v1_dot_mail__pb2.Message.FromString,
+                _registered_method=True)
+        self.SendMailBatch = channel.unary_unary(
+                '/mailsvc.v1.MailService/SendMailBatch',
+                request_serializer=mailsvc_dot_v1_dot_mail__pb2.SendMailBatchRequest.SerializeToString,
+                response_deserializer=mailsvc_dot_v1_dot_mail__pb2.SendMailBatchResponse.FromString,
+                _registered_method=True)
+        self.WatchMessages = channel.unary_stream(
+                '/mailsvc.v1.MailService/WatchMessages',
+                request_serializer=mailsvc_dot_v1_dot_mail__pb2.WatchMessagesRequest.SerializeToString,
+                response_deserializer=mailsvc_dot_v1_dot_mail__pb2.MessageEvent.FromString,
+                _registered_method=True)
 
 
 class MailServiceServicer:
@@ -77,6 +102,41 @@ class MailServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMessage(self, request, context):
+        """Returns the record of one mail: the caller's own; admin and superadmin: any.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMessages(self, request, context):
+        """Lists mail records, newest first: the caller's own; admin and superadmin: all.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelMessage(self, request, context):
+        """Cancels a QUEUED or SCHEDULED mail.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendMailBatch(self, request, context):
+        """Queues one mail per entry from one template; every entry is checked before any is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchMessages(self, request, context):
+        """Streams status changes of the caller's mail (admin and superadmin: all) from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +154,31 @@ def add_MailServiceServicer_to_server(servicer, server):
                     servicer.RenderTemplate,
                     request_deserializer=mailsvc_dot_v1_dot_mail__pb2.RenderTemplateRequest.FromString,
                     response_serializer=mailsvc_dot_v1_dot_mail__pb2.RenderedMail.SerializeToString,
+            ),
+            'GetMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMessage,
+                    request_deserializer=mailsvc_dot_v1_dot_mail__pb2.GetMessageRequest.FromString,
+                    response_serializer=mailsvc_dot_v1_dot_mail__pb2.Message.SerializeToString,
+            ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=mailsvc_dot_v1_dot_mail__pb2.ListMessagesRequest.FromString,
+                    response_serializer=mailsvc_dot_v1_dot_mail__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'CancelMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelMessage,
+                    request_deserializer=mailsvc_dot_v1_dot_mail__pb2.CancelMessageRequest.FromString,
+                    response_serializer=mailsvc_dot_v1_dot_mail__pb2.Message.SerializeToString,
+            ),
+            'SendMailBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendMailBatch,
+                    request_deserializer=mailsvc_dot_v1_dot_mail__pb2.SendMailBatchRequest.FromString,
+                    response_serializer=mailsvc_dot_v1_dot_mail__pb2.SendMailBatchResponse.SerializeToString,
+            ),
+            'WatchMessages': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMessages,
+                    request_deserializer=mailsvc_dot_v1_dot_mail__pb2.WatchMessagesRequest.FromString,
+                    response_serializer=mailsvc_dot_v1_dot_mail__pb2.MessageEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +263,141 @@ class MailService:
             '/mailsvc.v1.MailService/RenderTemplate',
             mailsvc_dot_v1_dot_mail__pb2.RenderTemplateRequest.SerializeToString,
             mailsvc_dot_v1_dot_mail__pb2.RenderedMail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailsvc.v1.MailService/GetMessage',
+            mailsvc_dot_v1_dot_mail__pb2.GetMessageRequest.SerializeToString,
+            mailsvc_dot_v1_dot_mail__pb2.Message.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailsvc.v1.MailService/ListMessages',
+            mailsvc_dot_v1_dot_mail__pb2.ListMessagesRequest.SerializeToString,
+            mailsvc_dot_v1_dot_mail__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailsvc.v1.MailService/CancelMessage',
+            mailsvc_dot_v1_dot_mail__pb2.CancelMessageRequest.SerializeToString,
+            mailsvc_dot_v1_dot_mail__pb2.Message.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendMailBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailsvc.v1.MailService/SendMailBatch',
+            mailsvc_dot_v1_dot_mail__pb2.SendMailBatchRequest.SerializeToString,
+            mailsvc_dot_v1_dot_mail__pb2.SendMailBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mailsvc.v1.MailService/WatchMessages',
+            mailsvc_dot_v1_dot_mail__pb2.WatchMessagesRequest.SerializeToString,
+            mailsvc_dot_v1_dot_mail__pb2.MessageEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mailsvc/v1/settings.proto\x12\nmailsvc.v1\x1a google/protobuf/field_mask.proto\"\xcb\x02\n\x0cMailSettings\x12\x1f\n\x17\x65nable_user_full_access\x18\x01 \x01(\x08\x12,\n\x07mailgun\x18\x02 \x01(\x0b\x32\x1b.mailsvc.v1.MailgunSettings\x12&\n\x04smtp\x18\x03 \x01(\x0b\x32\x18.mailsvc.v1.SmtpSettings\x12:\n\ttemplates\x18\x04 \x03(\x0b\x32\'.mailsvc.v1.MailSettings.TemplatesEntry\x12\x18\n\x10\x61uthorized_roles\x18\x05 \x03(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_from\x18\x06 \x01(\t\x12\x0c\n\x04\x65tag\x18\x07 \x01(\t\x1aJ\n\x0eTemplatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.mailsvc.v1.MailTemplate:\x02\x38\x01\"\x95\x01\n\x0cSmtpSettings\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\r\n\x05login\x18\x03 \x01(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12\x1a\n\x12start_tls_required\x18\x05 \x01(\x08\x12\x16\n\x0essl_on_connect\x18\x06 \x01(\x08\x12\x14\n\x0cpassword_set\x18\x07 \x01(\x08\"c\n\x0fMailgunSettings\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\"\n\x06region\x18\x03 \x01(\x0e\x32\x12.mailsvc.v1.Region\x12\x0f\n\x07key_set\x18\x04 \x01(\x08\"\xe7\x01\n\x0cMailTemplate\x12\x14\n\x0c\x66rom_address\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x03(\t\x12\n\n\x02\x63\x63\x18\x03 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x04 \x03(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0c\n\x04html\x18\x07 \x01(\t\x12\x32\n\x05model\x18\x08 \x03(\x0b\x32#.mailsvc.v1.MailTemplate.ModelEntry\x12\r\n\x05roles\x18\t \x03(\t\x1a,\n\nModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetMailSettingsRequest\"\x86\x01\n\x19UpdateMailSettingsRequest\x12*\n\x08settings\x18\x01 \x01(\x0b\x32\x18.mailsvc.v1.MailSettings\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\")\n\x19\x44\x65leteMailSettingsRequest\x12\x0c\n\x04\x65tag\x18\x01 \x01(\t\"7\n\x0bSettingsAcl\x12\x12\n\nread_roles\x18\x01 \x03(\t\x12\x14\n\x0cupdate_roles\x18\x02 \x03(\t\"\x17\n\x15GetSettingsAclRequest\"@\n\x18UpdateSettingsAclRequest\x12$\n\x03\x61\x63l\x18\x01 \x01(\x0b\x32\x17.mailsvc.v1.SettingsAcl*0\n\x06Region\x12\x16\n\x12REGION_UNSPECIFIED\x10\x00\x12\x06\n\x02US\x10\x01\x12\x06\n\x02\x45U\x10\x02\x32\xb2\x03\n\x0fSettingsService\x12O\n\x0fGetMailSettings\x12\".mailsvc.v1.GetMailSettingsRequest\x1a\x18.mailsvc.v1.MailSettings\x12U\n\x12UpdateMailSettings\x12%.mailsvc.v1.UpdateMailSettingsRequest\x1a\x18.mailsvc.v1.MailSettings\x12U\n\x12\x44\x65leteMailSettings\x12%.mailsvc.v1.DeleteMailSettingsRequest\x1a\x18.mailsvc.v1.MailSettings\x12L\n\x0eGetSettingsAcl\x12!.mailsvc.v1.GetSettingsAclRequest\x1a\x17.mailsvc.v1.SettingsAcl\x12R\n\x11UpdateSettingsAcl\x12$.mailsvc.v1.UpdateSettingsAclRequest\x1a\x17.mailsvc.v1.SettingsAclB.Z,example.com/mailsvc/gen/mailsvc/v1;mailsvcv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19mailsvc/v1/settings.proto\x12\nmailsvc.v1\x1a google/protobuf/field_mask.proto\"\xf7\x02\n\x0cMailSettings\x12\x1f\n\x17\x65nable_user_full_access\x18\x01 \x01(\x08\x12,\n\x07mailgun\x18\x02 \x01(\x0b\x32\x1b.mailsvc.v1.MailgunSettings\x12&\n\x04smtp\x18\x03 \x01(\x0b\x32\x18.mailsvc.v1.SmtpSettings\x12:\n\ttemplates\x18\x04 \x03(\x0b\x32\'.mailsvc.v1.MailSettings.TemplatesEntry\x12\x18\n\x10\x61uthorized_roles\x18\x05 \x03(\t\x12\x14\n\x0c\x64\x65\x66\x61ult_from\x18\x06 \x01(\t\x12\x0c\n\x04\x65tag\x18\x07 \x01(\t\x12*\n\x0brate_limits\x18\x08 \x03(\x0b\x32\x15.mailsvc.v1.RateLimit\x1aJ\n\x0eTemplatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.mailsvc.v1.MailTemplate:\x02\x38\x01\">\n\tRateLimit\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nper_minute\x18\x02 \x01(\x05\x12\x0f\n\x07per_day\x18\x03 \x01(\x05\"\xbd\x01\n\x0cSmtpSettings\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\x05\x12\r\n\x05login\x18\x03 \x01(\t\x12\x10\n\x08password\x18\x04 \x01(\t\x12\x1a\n\x12start_tls_required\x18\x05 \x01(\x08\x12\x16\n\x0essl_on_connect\x18\x06 \x01(\x08\x12\x14\n\x0cpassword_set\x18\x07 \x01(\x08\x12&\n\x04\x64kim\x18\x08 \x01(\x0b\x32\x18.mailsvc.v1.DkimSettings\"^\n\x0c\x44kimSettings\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x13\n\x0bprivate_key\x18\x03 \x01(\t\x12\x17\n\x0fprivate_key_set\x18\x04 \x01(\x08\"\xa1\x01\n\x0fMailgunSettings\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\"\n\x06region\x18\x03 \x01(\x0e\x32\x12.mailsvc.v1.Region\x12\x0f\n\x07key_set\x18\x04 \x01(\x08\x12\x1b\n\x13webhook_signing_key\x18\x05 \x01(\t\x12\x1f\n\x17webhook_signing_key_set\x18\x06 \x01(\x08\"\xe7\x01\n\x0cMailTemplate\x12\x14\n\x0c\x66rom_address\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x03(\t\x12\n\n\x02\x63\x63\x18\x03 \x03(\t\x12\x0b\n\x03\x62\x63\x63\x18\x04 \x03(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x0c\n\x04html\x18\x07 \x01(\t\x12\x32\n\x05model\x18\x08 \x03(\x0b\x32#.mailsvc.v1.MailTemplate.ModelEntry\x12\r\n\x05roles\x18\t \x03(\t\x1a,\n\nModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x18\n\x16GetMailSettingsRequest\"\x86\x01\n\x19UpdateMailSettingsRequest\x12*\n\x08settings\x18\x01 \x01(\x0b\x32\x18.mailsvc.v1.MailSettings\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\")\n\x19\x44\x65leteMailSettingsRequest\x12\x0c\n\x04\x65tag\x18\x01 \x01(\t\"7\n\x0bSettingsAcl\x12\x12\n\nread_roles\x18\x01 \x03(\t\x12\x14\n\x0cupdate_roles\x18\x02 \x03(\t\"\x17\n\x15GetSettingsAclRequest\"@\n\x18UpdateSettingsAclRequest\x12$\n\x03\x61\x63l\x18\x01 \x01(\x0b\x32\x17.mailsvc.v1.SettingsAcl*0\n\x06Region\x12\x16\n\x12REGION_UNSPECIFIED\x10\x00\x12\x06\n\x02US\x10\x01\x12\x06\n\x02\x45U\x10\x02\x32\xb2\x03\n\x0fSettingsService\x12O\n\x0fGetMailSettings\x12\".mailsvc.v1.GetMailSettingsRequest\x1a\x18.mailsvc.v1.MailSettings\x12U\n\x12UpdateMailSettings\x12%.mailsvc.v1.UpdateMailSettingsRequest\x1a\x18.mailsvc.v1.MailSettings\x12U\n\x12\x44\x65leteMailSettings\x12%.mailsvc.v1.DeleteMailSettingsRequest\x1a\x18.mailsvc.v1.MailSettings\x12L\n\x0eGetSettingsAcl\x12!.mailsvc.v1.GetSettingsAclRequest\x1a\x17.mailsvc.v1.SettingsAcl\x12R\n\x11UpdateSettingsAcl\x12$.mailsvc.v1.UpdateSettingsAclRequest\x1a\x17.mailsvc.v1.SettingsAclB.Z,example.com/mailsvc/gen/mailsvc/v1;mailsvcv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,32 +37,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MAILSETTINGS_TEMPLATESENTRY']._serialized_options = b'8\001'
   _globals['_MAILTEMPLATE_MODELENTRY']._loaded_options = None
   _globals['_MAILTEMPLATE_MODELENTRY']._serialized_options = b'8\001'
-  _globals['_REGION']._serialized_start=1250
-  _globals['_REGION']._serialized_end=1298
+  _globals['_REGION']._serialized_start=1557
+  _globals['_REGION']._serialized_end=1605
   _globals['_MAILSETTINGS']._serialized_start=76
-  _globals['_MAILSETTINGS']._serialized_end=407
-  _globals['_MAILSETTINGS_TEMPLATESENTRY']._serialized_start=333
-  _globals['_MAILSETTINGS_TEMPLATESENTRY']._serialized_end=407
-  _globals['_SMTPSETTINGS']._serialized_start=410
-  _globals['_SMTPSETTINGS']._serialized_end=559
-  _globals['_MAILGUNSETTINGS']._serialized_start=561
-  _globals['_MAILGUNSETTINGS']._serialized_end=660
-  _globals['_MAILTEMPLATE']._serialized_start=663
-  _globals['_MAILTEMPLATE']._serialized_end=894
-  _globals['_MAILTEMPLATE_MODELENTRY']._serialized_start=850
-  _globals['_MAILTEMPLATE_MODELENTRY']._serialized_end=894
-  _globals['_GETMAILSETTINGSREQUEST']._serialized_start=896
-  _globals['_GETMAILSETTINGSREQUEST']._serialized_end=920
-  _globals['_UPDATEMAILSETTINGSREQUEST']._serialized_start=923
-  _globals['_UPDATEMAILSETTINGSREQUEST']._serialized_end=1057
-  _globals['_DELETEMAILSETTINGSREQUEST']._serialized_start=1059
-  _globals['_DELETEMAILSETTINGSREQUEST']._serialized_end=1100
-  _globals['_SETTINGSACL']._serialized_start=1102
-  _globals['_SETTINGSACL']._serialized_end=1157
-  _globals['_GETSETTINGSACLREQUEST']._serialized_start=1159
-  _globals['_GETSETTINGSACLREQUEST']._serialized_end=1182
-  _globals['_UPDATESETTINGSACLREQUEST']._serialized_start=1184
-  _globals['_UPDATESETTINGSACLREQUEST']._serialized_end=1248
-  _globals['_SETTINGSSERVICE']._serialized_start=1301
-  _globals['_SETTINGSSERVICE']._serialized_end=1735
+  _globals['_MAILSETTINGS']._serialized_end=451
+  _globals['_MAILSETTINGS_TEMPLATESENTRY']._serialized_start=377
+  _globals['_MAILSETTINGS_TEMPLATESENTRY']._serialized_end=451
+  _globals['_RATELIMIT']._serialized_start=453
+  _globals['_RATELIMIT']._serialized_end=515
+  _globals['_SMTPSETTINGS']._serialized_start=518
+  _globals['_SMTPSETTINGS']._serialized_end=707
+  _globals['_DKIMSETTINGS']._serialized_start=709
+  _globals['_DKIMSETTINGS']._serialized_end=803
+  _globals['_MAILGUNSETTINGS']._serialized_start=806
+  _globals['_MAILGUNSETTINGS']._serialized_end=967
+  _globals['_MAILTEMPLATE']._serialized_start=970
+  _globals['_MAILTEMPLATE']._serialized_end=1201
+  _globals['_MAILTEMPLATE_MODELENTRY']._serialized_start=1157
+  _globals['_MAILTEMPLATE_MODELENTRY']._serialized_end=1201
+  _globals['_GETMAILSETTINGSREQUEST']._serialized_start=1203
+  _globals['_GETMAILSETTINGSREQUEST']._serialized_end=1227
+  _globals['_UPDATEMAILSETTINGSREQUEST']._serialized_start=1230
+  _globals['_UPDATEMAILSETTINGSREQUEST']._serialized_end=1364
+  _globals['_DELETEMAILSETTINGSREQUEST']._serialized_start=1366
+  _globals['_DELETEMAILSETTINGSREQUEST']._serialized_end=1407
+  _globals['_SETTINGSACL']._serialized_start=1409
+  _globals['_SETTINGSACL']._serialized_end=1464
+  _globals['_GETSETTINGSACLREQUEST']._serialized_start=1466
+  _globals['_GETSETTINGSACLREQUEST']._serialized_end=1489
+  _globals['_UPDATESETTINGSACLREQUEST']._serialized_start=1491
+  _globals['_UPDATESETTINGSACLREQUEST']._serialized_end=1555
+  _globals['_SETTINGSSERVICE']._serialized_start=1608
+  _globals['_SETTINGSSERVICE']._serialized_end=2042
 # @@protoc_insertion_point(module_scope)

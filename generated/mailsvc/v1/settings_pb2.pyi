@@ -18,7 +18,7 @@ US: Region
 EU: Region
 
 class MailSettings(_message.Message):
-    __slots__ = ("enable_user_full_access", "mailgun", "smtp", "templates", "authorized_roles", "default_from", "etag")
+    __slots__ = ("enable_user_full_access", "mailgun", "smtp", "templates", "authorized_roles", "default_from", "etag", "rate_limits")
     class TemplatesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class MailSettings(_message.Message):
     AUTHORIZED_ROLES_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FROM_FIELD_NUMBER: _ClassVar[int]
     ETAG_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMITS_FIELD_NUMBER: _ClassVar[int]
     enable_user_full_access: bool
     mailgun: MailgunSettings
     smtp: SmtpSettings
@@ -40,10 +41,21 @@ class MailSettings(_message.Message):
     authorized_roles: _containers.RepeatedScalarFieldContainer[str]
     default_from: str
     etag: str
-    def __init__(self, enable_user_full_access: _Optional[bool] = ..., mailgun: _Optional[_Union[MailgunSettings, _Mapping]] = ..., smtp: _Optional[_Union[SmtpSettings, _Mapping]] = ..., templates: _Optional[_Mapping[str, MailTemplate]] = ..., authorized_roles: _Optional[_Iterable[str]] = ..., default_from: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
+    rate_limits: _containers.RepeatedCompositeFieldContainer[RateLimit]
+    def __init__(self, enable_user_full_access: _Optional[bool] = ..., mailgun: _Optional[_Union[MailgunSettings, _Mapping]] = ..., smtp: _Optional[_Union[SmtpSettings, _Mapping]] = ..., templates: _Optional[_Mapping[str, MailTemplate]] = ..., authorized_roles: _Optional[_Iterable[str]] = ..., default_from: _Optional[str] = ..., etag: _Optional[str] = ..., rate_limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("role", "per_minute", "per_day")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    PER_DAY_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    per_minute: int
+    per_day: int
+    def __init__(self, role: _Optional[str] = ..., per_minute: _Optional[int] = ..., per_day: _Optional[int] = ...) -> None: ...
 
 class SmtpSettings(_message.Message):
-    __slots__ = ("host", "port", "login", "password", "start_tls_required", "ssl_on_connect", "password_set")
+    __slots__ = ("host", "port", "login", "password", "start_tls_required", "ssl_on_connect", "password_set", "dkim")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     LOGIN_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +63,7 @@ class SmtpSettings(_message.Message):
     START_TLS_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     SSL_ON_CONNECT_FIELD_NUMBER: _ClassVar[int]
     PASSWORD_SET_FIELD_NUMBER: _ClassVar[int]
+    DKIM_FIELD_NUMBER: _ClassVar[int]
     host: str
     port: int
     login: str
@@ -58,19 +71,36 @@ class SmtpSettings(_message.Message):
     start_tls_required: bool
     ssl_on_connect: bool
     password_set: bool
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., login: _Optional[str] = ..., password: _Optional[str] = ..., start_tls_required: _Optional[bool] = ..., ssl_on_connect: _Optional[bool] = ..., password_set: _Optional[bool] = ...) -> None: ...
+    dkim: DkimSettings
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., login: _Optional[str] = ..., password: _Optional[str] = ..., start_tls_required: _Optional[bool] = ..., ssl_on_connect: _Optional[bool] = ..., password_set: _Optional[bool] = ..., dkim: _Optional[_Union[DkimSettings, _Mapping]] = ...) -> None: ...
+
+class DkimSettings(_message.Message):
+    __slots__ = ("domain", "selector", "private_key", "private_key_set")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_SET_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    selector: str
+    private_key: str
+    private_key_set: bool
+    def __init__(self, domain: _Optional[str] = ..., selector: _Optional[str] = ..., private_key: _Optional[str] = ..., private_key_set: _Optional[bool] = ...) -> None: ...
 
 class MailgunSettings(_message.Message):
-    __slots__ = ("domain", "key", "region", "key_set")
+    __slots__ = ("domain", "key", "region", "key_set", "webhook_signing_key", "webhook_signing_key_set")
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     KEY_SET_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_SIGNING_KEY_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_SIGNING_KEY_SET_FIELD_NUMBER: _ClassVar[int]
     domain: str
     key: str
     region: Region
     key_set: bool
-    def __init__(self, domain: _Optional[str] = ..., key: _Optional[str] = ..., region: _Optional[_Union[Region, str]] = ..., key_set: _Optional[bool] = ...) -> None: ...
+    webhook_signing_key: str
+    webhook_signing_key_set: bool
+    def __init__(self, domain: _Optional[str] = ..., key: _Optional[str] = ..., region: _Optional[_Union[Region, str]] = ..., key_set: _Optional[bool] = ..., webhook_signing_key: _Optional[str] = ..., webhook_signing_key_set: _Optional[bool] = ...) -> None: ...
 
 class MailTemplate(_message.Message):
     __slots__ = ("from_address", "to", "cc", "bcc", "subject", "text", "html", "model", "roles")
