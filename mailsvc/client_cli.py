@@ -1,4 +1,5 @@
-"""Operator commands that call a running server: `settings get|put`, `send`, `render`, `health`.
+"""Operator commands that call a running server: `settings get|put`, `send`, `render`,
+`messages list|get|cancel|watch`, `suppressions list|add|delete`, `health`.
 
 Each command prints the reply as protobuf JSON (camelCase names) on stdout and nothing else, so
 its output can be piped to `jq` or saved and fed back to `settings put`. Failures go to stderr:
@@ -22,9 +23,10 @@ from google.protobuf import json_format
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 
-from mailsvc.v1 import mail_pb2, settings_pb2
+from mailsvc.v1 import mail_pb2, settings_pb2, suppression_pb2
 
 if TYPE_CHECKING:
     import grpc
@@ -106,6 +108,18 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default="",
         help="a repeat with the same key within 24 hours returns the first response",
     )
+    send.add_argument(
+        "--queue",
+        action="store_true",
+        help="store the mail and deliver it in the background (the reply is QUEUED)",
+    )
+    send.add_argument(
+        "--send-at",
+        type=_timestamp,
+        metavar="TIME",
+        help="deliver at TIME (implies --queue): RFC 3339 (2026-12-01T09:00:00Z) or +DURATION "
+        "from now (+90s, +10m, +2h, +1d)",
+    )
     send.set_defaults(client_command=_send)
 
     render = sub.add_parser(
@@ -125,6 +139,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     _recipient_flags(render, to_required=False)
     render.set_defaults(client_command=_render)
 
+    _message_commands(sub, client)
+    _suppression_commands(sub, client)
+
     health = sub.add_parser(
         "health",
         parents=[_connection_flags(token=False, timeout=HEALTH_TIMEOUT)],
@@ -134,7 +151,69 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     health.set_defaults(client_command=_health)
 
 
-def _connection_flags(*, token: bool, timeout: float) -> argparse.ArgumentParser:
+def _message_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], client: argparse.ArgumentParser
+) -> None:
+    messages = sub.add_parser("messages", help="look up, list, cancel or watch mail records")
+    messages_sub = messages.add_subparsers(dest="messages_command", required=True)
+    ls = messages_sub.add_parser(
+        "list", parents=[client], help="print records, newest first, as JSON"
+    )
+    ls.add_argument("--status", type=_status, help="only this status, e.g. QUEUED or failed")
+    ls.add_argument("--recipient", default="", help="only mail to this address (to, cc or bcc)")
+    ls.add_argument(
+        "--caller", default="", help="only mail of this caller (admin and superadmin only)"
+    )
+    ls.add_argument("--page-size", type=int, default=0, help="records per page (default 50)")
+    ls.add_argument("--page-token", default="", help="nextPageToken of the previous page")
+    ls.add_argument("--all", action="store_true", help="follow every page and print them all")
+    ls.set_defaults(client_command=_messages_list)
+    for name, what, handler in (
+        ("get", "print one record with its events", _messages_get),
+        ("cancel", "cancel a QUEUED or SCHEDULED mail; print the record", _messages_cancel),
+    ):
+        command = messages_sub.add_parser(name, parents=[client], help=what)
+        command.add_argument("id", metavar="ID", help="the record's id (SendMailResponse.id)")
+        command.set_defaults(client_command=handler)
+    watch = messages_sub.add_parser(
+        "watch",
+        parents=[_connection_flags(token=True, timeout=None)],
+        help="print status changes as they happen, one JSON object a line, until interrupted",
+    )
+    watch.add_argument("id", nargs="?", default="", help="only this record; default: all")
+    watch.set_defaults(client_command=_messages_watch)
+
+
+def _suppression_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], client: argparse.ArgumentParser
+) -> None:
+    suppressions = sub.add_parser(
+        "suppressions", help="the addresses no mail is sent to (admin, superadmin)"
+    )
+    suppressions_sub = suppressions.add_subparsers(dest="suppressions_command", required=True)
+    ls = suppressions_sub.add_parser("list", parents=[client], help="print entries as JSON")
+    ls.add_argument("--page-size", type=int, default=0, help="entries per page (default 50)")
+    ls.add_argument("--page-token", default="", help="nextPageToken of the previous page")
+    ls.add_argument("--all", action="store_true", help="follow every page and print them all")
+    ls.set_defaults(client_command=_suppressions_list)
+    add = suppressions_sub.add_parser("add", parents=[client], help="suppress an address")
+    add.add_argument("address", metavar="ADDRESS")
+    add.add_argument(
+        "--reason",
+        type=_suppression_reason,
+        default=suppression_pb2.SUPPRESSION_REASON_MANUAL,
+        help="bounce, complaint, unsubscribe or manual (default manual)",
+    )
+    add.add_argument("--detail", default="", help="a note kept with the entry")
+    add.set_defaults(client_command=_suppressions_add)
+    delete = suppressions_sub.add_parser(
+        "delete", parents=[client], help="stop suppressing an address"
+    )
+    delete.add_argument("address", metavar="ADDRESS")
+    delete.set_defaults(client_command=_suppressions_delete)
+
+
+def _connection_flags(*, token: bool, timeout: float | None) -> argparse.ArgumentParser:
     """Where the server is and how to reach it: shared by every client command."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
@@ -151,7 +230,9 @@ def _connection_flags(*, token: bool, timeout: float) -> argparse.ArgumentParser
         "--timeout",
         type=_positive_seconds,
         default=timeout,
-        help=f"seconds to wait for the reply (default {timeout:g})",
+        help=f"seconds to wait for the reply (default {timeout:g})"
+        if timeout
+        else "stop after this many seconds (default: run until interrupted)",
     )
     tls = parent.add_argument_group("TLS (any of these turns TLS on)")
     tls.add_argument("--tls", action="store_true", help="use TLS, trusting the system CAs")
@@ -180,6 +261,47 @@ def _positive_seconds(value: str) -> float:
     if not seconds > 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return seconds
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _timestamp(value: str) -> Timestamp:
+    """RFC 3339, or +N with a unit (s, m, h, d) from now."""
+    stamp = Timestamp()
+    if value.startswith("+"):
+        number, unit = value[1:], "s"
+        if number and number[-1] in _DURATION_UNITS:
+            number, unit = number[:-1], number[-1]
+        try:
+            seconds = float(number) * _DURATION_UNITS[unit]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a duration: {value!r}") from None
+        stamp.GetCurrentTime()
+        stamp.FromNanoseconds(stamp.ToNanoseconds() + int(seconds * 1e9))
+        return stamp
+    try:
+        stamp.FromJsonString(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time or +duration: {value!r}") from None
+    return stamp
+
+
+def _enum_value(enum: Any, prefix: str, value: str) -> int:
+    name = value.strip().upper()
+    try:
+        return int(enum.Value(name if name.startswith(prefix) else prefix + name))
+    except ValueError:
+        names = ", ".join(n.removeprefix(prefix).lower() for n in enum.keys()[1:])
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of: {names}") from None
+
+
+def _status(value: str) -> int:
+    return _enum_value(mail_pb2.MessageStatus, "MESSAGE_STATUS_", value)
+
+
+def _suppression_reason(value: str) -> int:
+    return _enum_value(suppression_pb2.SuppressionReason, "SUPPRESSION_REASON_", value)
 
 
 # --- running a command -----------------------------------------------------------------------
@@ -396,7 +518,10 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         reply_to=args.reply_to,
         attachments=attachments,
         idempotency_key=args.idempotency_key,
+        queue=args.queue,
     )
+    if args.send_at is not None:
+        request.send_at.CopyFrom(args.send_at)
     with _channel(args, environ) as channel:
         reply = mail_pb2_grpc.MailServiceStub(channel).SendMail(request, **_call(args, environ))
     return _print_json(reply)
@@ -428,3 +553,110 @@ def _health(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         )
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_RPC_ERROR
+
+
+def _messages_list(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import mail_pb2_grpc
+
+    request = mail_pb2.ListMessagesRequest(
+        page_size=args.page_size,
+        page_token=args.page_token,
+        status=args.status or mail_pb2.MESSAGE_STATUS_UNSPECIFIED,
+        recipient=args.recipient,
+        caller=args.caller,
+    )
+    everything = mail_pb2.ListMessagesResponse()
+    with _channel(args, environ) as channel:
+        stub = mail_pb2_grpc.MailServiceStub(channel)
+        while True:
+            reply = stub.ListMessages(request, **_call(args, environ))
+            if not args.all:
+                return _print_json(reply)
+            everything.messages.extend(reply.messages)
+            if not reply.next_page_token:
+                return _print_json(everything)
+            request.page_token = reply.next_page_token
+
+
+def _messages_get(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import mail_pb2_grpc
+
+    with _channel(args, environ) as channel:
+        reply = mail_pb2_grpc.MailServiceStub(channel).GetMessage(
+            mail_pb2.GetMessageRequest(id=args.id), **_call(args, environ)
+        )
+    return _print_json(reply)
+
+
+def _messages_cancel(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import mail_pb2_grpc
+
+    with _channel(args, environ) as channel:
+        reply = mail_pb2_grpc.MailServiceStub(channel).CancelMessage(
+            mail_pb2.CancelMessageRequest(id=args.id), **_call(args, environ)
+        )
+    return _print_json(reply)
+
+
+def _messages_watch(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import grpc
+
+    from mailsvc.v1 import mail_pb2_grpc
+
+    with _channel(args, environ) as channel:
+        stream = mail_pb2_grpc.MailServiceStub(channel).WatchMessages(
+            mail_pb2.WatchMessagesRequest(id=args.id), **_call(args, environ)
+        )
+        try:
+            for event in stream:
+                print(json_format.MessageToJson(event, indent=None), flush=True)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # --timeout ran out: done
+                raise
+        except KeyboardInterrupt:
+            stream.cancel()
+    return 0
+
+
+def _suppressions_list(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import suppression_pb2_grpc
+
+    request = suppression_pb2.ListSuppressionsRequest(
+        page_size=args.page_size, page_token=args.page_token
+    )
+    everything = suppression_pb2.ListSuppressionsResponse()
+    with _channel(args, environ) as channel:
+        stub = suppression_pb2_grpc.SuppressionServiceStub(channel)
+        while True:
+            reply = stub.ListSuppressions(request, **_call(args, environ))
+            if not args.all:
+                return _print_json(reply)
+            everything.suppressions.extend(reply.suppressions)
+            if not reply.next_page_token:
+                return _print_json(everything)
+            request.page_token = reply.next_page_token
+
+
+def _suppressions_add(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import suppression_pb2_grpc
+
+    entry = suppression_pb2.Suppression(
+        address=args.address, reason=args.reason, detail=args.detail
+    )
+    with _channel(args, environ) as channel:
+        reply = suppression_pb2_grpc.SuppressionServiceStub(channel).AddSuppression(
+            suppression_pb2.AddSuppressionRequest(suppression=entry), **_call(args, environ)
+        )
+    return _print_json(reply)
+
+
+def _suppressions_delete(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from mailsvc.v1 import suppression_pb2_grpc
+
+    with _channel(args, environ) as channel:
+        suppression_pb2_grpc.SuppressionServiceStub(channel).DeleteSuppression(
+            suppression_pb2.DeleteSuppressionRequest(address=args.address),
+            **_call(args, environ),
+        )
+    print(f"{args.address} is no longer suppressed")
+    return 0
