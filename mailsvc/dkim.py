@@ -146,7 +146,7 @@ class DkimSigner:
             ]
         )
         # What is hashed is exactly what is sent, folds included, minus the b= value.
-        value = b" " + dkim.fold(tags, namelen=len(_HEADER) + 2, linesep=linesep)
+        value: bytes = b" " + dkim.fold(tags, namelen=len(_HEADER) + 2, linesep=linesep)
         digest = hashlib.sha256()
         dkim.hash_headers(
             digest,
