@@ -6,10 +6,21 @@ matches the entry `bob@example.org`. What is kept keeps its display name.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 from email.utils import parseaddr
 from typing import Generic, Protocol, TypeVar
+
+
+class SuppressionReason(enum.IntEnum):
+    """Why an address is suppressed; the numbers are mailsvc.v1.SuppressionReason's."""
+
+    UNSPECIFIED = 0
+    BOUNCE = 1
+    COMPLAINT = 2
+    UNSUBSCRIBE = 3
+    MANUAL = 4
 
 
 class _HasAddr(Protocol):

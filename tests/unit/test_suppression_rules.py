@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 from mailsvc.errors import FieldViolation
 from mailsvc.message import Address, parse_addresses
-from mailsvc.suppression import apply_suppressions, lookup_keys, normalize_address
+from mailsvc.suppression import (
+    SuppressionReason,
+    apply_suppressions,
+    lookup_keys,
+    normalize_address,
+)
 
 
 def _parsed(*values: str) -> tuple[Address, ...]:
@@ -59,3 +66,11 @@ def test_lookup_keys_are_distinct_and_lower_case() -> None:
     keys = lookup_keys(_parsed("Bob <Bob@Example.org>"), ["bob@example.org", "x@y.test"], [])
     assert keys == ["bob@example.org", "x@y.test"]
     assert normalize_address("Alice <ALICE@example.COM>") == "alice@example.com"
+
+
+def test_reason_numbers_are_the_protos() -> None:
+    # imported by name: the generated stub of this new proto does not pass mypy strict yet
+    pb2 = importlib.import_module("mailsvc.v1.suppression_pb2")
+    for reason in SuppressionReason:
+        assert pb2.SuppressionReason.Value(f"SUPPRESSION_REASON_{reason.name}") == reason
+    assert len(pb2.SuppressionReason.keys()) == len(SuppressionReason)
