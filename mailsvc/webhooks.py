@@ -254,7 +254,8 @@ class MailgunWebhook:
         self._apply = apply
         self._clock = clock
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
+        """Answer one webhook request; never raises (but for cancellation)."""
         try:
             return await self._handle(request)
         except web.HTTPRequestEntityTooLarge:
@@ -317,7 +318,7 @@ class MailgunWebhook:
 def make_app(handler: MailgunWebhook) -> web.Application:
     """The aiohttp application serving POST /webhooks/mailgun."""
     app = web.Application(client_max_size=MAX_BODY)
-    app.router.add_post(PATH, handler)
+    app.router.add_post(PATH, handler.handle)
     return app
 
 
