@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from mailsvc.dkim import DkimKeyError, DkimSigner, dns_txt_record, validate_private_key
+from mailsvc.message import Address, Attachment, Mail, build_mime
 
 DOMAIN = "example.com"
 SELECTOR = "mail2026"
@@ -242,3 +243,22 @@ def test_good_keys_validate(rsa_pem: str, ed25519_pem: str) -> None:
 def test_domain_and_selector_required_ascii(rsa_pem: str, domain: str, selector: str) -> None:
     with pytest.raises(DkimKeyError):
         DkimSigner.from_settings(domain, selector, rsa_pem)
+
+
+def test_mail_as_the_service_builds_it(ed25519_pem: str, rsa_pem: str) -> None:
+    mail = Mail(
+        sender=Address("Ünïcode Sender", "noreply@example.com"),
+        to=(Address("Bob", "bob@example.org"),),
+        cc=(Address("", "carol@example.net"),),
+        bcc=(Address("", "hidden@example.net"),),
+        reply_to=Address("", "help@example.com"),
+        subject="Grüße, a non-ASCII subject",
+        text="Hello\n" * 200,
+        html="<p>Hello</p>",
+        attachments=(Attachment("a.txt", "text/plain", b"file body"),),
+    )
+    raw = build_mime(mail, "<x1@example.com>")
+    for pem in (rsa_pem, ed25519_pem):
+        signed = DkimSigner.from_settings(DOMAIN, SELECTOR, pem).sign(raw)
+        assert dkim.verify(signed, dnsfunc=_dns(pem))
+        assert "bcc" not in _tags(signed)["h"].split(":")
