@@ -126,10 +126,19 @@ class DkimSigner:
     def sign(self, message: bytes, *, now: float | None = None) -> bytes:
         """The message with one DKIM-Signature header field prepended."""
         linesep = b"\r\n" if b"\r\n" in message[:4096] else b"\n"
-        headers, body = dkim.rfc822_parse(message)
+        end = message.find(linesep + linesep)
+        if end < 0:
+            headers, body = dkim.rfc822_parse(message)
+        else:
+            # Only the head goes through the line parser; the body is used as it is.
+            headers, _ = dkim.rfc822_parse(message[: end + len(linesep)])
+            body = message[end + 2 * len(linesep) :]
+            if linesep == b"\n":
+                body = body.replace(b"\n", b"\r\n")
         present = [name.lower() for name, _ in headers if name.lower() in _SIGNED]
         # From once more: a second From added on the way then breaks the signature.
         include = [*dict.fromkeys(present), b"from"]
+        signed = _RELAXED.canonicalize_headers(dkim.select_headers(headers, include))
         body_hash = base64.b64encode(hashlib.sha256(_RELAXED.canonicalize_body(body)).digest())
         stamp = int(time.time() if now is None else now)
         tags = b"; ".join(
@@ -151,7 +160,7 @@ class DkimSigner:
         dkim.hash_headers(
             digest,
             _RELAXED,
-            _RELAXED.canonicalize_headers(headers),
+            signed,
             include,
             (_HEADER, value),
             None,
