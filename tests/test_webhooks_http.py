@@ -178,7 +178,8 @@ def test_events_that_suppress_the_recipient(
 
 
 def test_temporary_failure_is_an_event_only(webhook: Webhook) -> None:
-    r = webhook.post(body("failed", severity="temporary", **{"delivery-status": {"code": 452}}))
+    extra: dict[str, Any] = {"severity": "temporary", "delivery-status": {"code": 452}}
+    r = webhook.post(body("failed", **extra))
     assert r.status_code == 200
     [(mid, status, detail)] = webhook.store.events
     assert (mid, status) == (KNOWN_ID, None)
