@@ -93,8 +93,12 @@ async def _gen(*parts: bytes) -> AsyncIterator[bytes]:
         yield part
 
 
+async def _drain(call: Any) -> list[bytes]:
+    return [response async for response in call]
+
+
 def _reason(err: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     assert status is not None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -118,12 +122,11 @@ def test_streaming_rpc_without_token_is_unauthenticated(
         method = f"/{SERVICE}/{kind}"
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             if kind == "UnaryStream":
-                call: Any = channel.unary_stream(method)(b"x")
-                _ = [r async for r in call]
+                await _drain(channel.unary_stream(method)(b"x"))
             elif kind == "StreamUnary":
                 await channel.stream_unary(method)(_gen(b"a", b"b"))
             else:
-                _ = [r async for r in channel.stream_stream(method)(_gen(b"a"))]
+                await _drain(channel.stream_stream(method)(_gen(b"a")))
         assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert _reason(caught.value) == "TOKEN_MISSING"
 
@@ -195,7 +198,7 @@ def test_draining_refuses_streaming_calls() -> None:
     async def scenario(channel: grpc.aio.Channel, interceptor: RpcInterceptor) -> None:
         interceptor.draining = True
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            _ = [r async for r in channel.unary_stream(f"/{SERVICE}/UnaryStream")(b"x")]
+            await _drain(channel.unary_stream(f"/{SERVICE}/UnaryStream")(b"x"))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert _reason(caught.value) == "SHUTTING_DOWN"
 
