@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/mailsvc/v1/*.proto)
 PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos \
 	--python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) \
-	--descriptor_set_out=$(1)/mailsvc.protoset --include_imports $(PROTOS)
+	--descriptor_set_out=$(1)/mailsvc/v1/mailsvc.protoset --include_imports $(PROTOS)
 # buf (proto lint) comes from npm, pinned, installed under .tools/ (git-ignored).
 BUF_VERSION := 1.75.0
 TOOLS := .tools

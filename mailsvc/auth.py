@@ -8,16 +8,21 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 
 from mailsvc.errors import PermissionDenied, Unauthenticated
 
+if TYPE_CHECKING:
+    from mailsvc.v1.settings_pb2 import MailSettings, SettingsAcl
+
 SUPERADMIN = "superadmin"
 ADMIN = "admin"
 USER = "user"  # every authenticated caller has it
 ALGORITHM = "HS256"
+# Clocks of callers and server differ a little; a token minted "now" elsewhere must pass here.
+LEEWAY_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class TokenVerifier:
         cached = self._cache.get(token)
         if cached is not None:
             principal, exp = cached
-            if exp is None or exp > time.time():
+            if exp is None or exp + LEEWAY_SECONDS > time.time():
                 return principal
             del self._cache[token]
         principal, exp = self._verify(token)
@@ -98,35 +103,71 @@ class TokenVerifier:
                 token,
                 self._secret,
                 algorithms=[ALGORITHM],
+                leeway=LEEWAY_SECONDS,
                 options={"require": ["sub"], "verify_aud": False},
             )
         except jwt.ExpiredSignatureError:
             raise Unauthenticated("token expired", reason="TOKEN_EXPIRED") from None
-        except jwt.InvalidTokenError:
+        except jwt.ImmatureSignatureError:
             raise Unauthenticated(
-                "token invalid: bad signature or malformed", reason="TOKEN_INVALID"
+                "token not valid yet (iat or nbf in the future)", reason="TOKEN_NOT_YET_VALID"
             ) from None
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("token signature does not match") from None
+        except jwt.DecodeError:
+            raise Unauthenticated("token malformed") from None
+        except jwt.MissingRequiredClaimError:
+            raise Unauthenticated("token has no 'sub' claim") from None
+        except jwt.InvalidTokenError:
+            raise Unauthenticated("token invalid (a claim is malformed)") from None
         sub = claims.get("sub")
         roles = claims.get("roles", [])
         if not isinstance(sub, str) or not sub:
-            raise Unauthenticated("token has no 'sub' claim", reason="TOKEN_INVALID")
+            raise Unauthenticated("token has no 'sub' claim")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-            raise Unauthenticated(
-                "token's 'roles' claim must be a list of strings", reason="TOKEN_INVALID"
-            )
+            raise Unauthenticated("token's 'roles' claim must be a list of strings")
         exp = claims.get("exp")
         return Principal(sub, frozenset([*roles, USER])), float(exp) if exp else None
 
 
-def require(principal: Principal, allowed: Iterable[str], what: str) -> None:
-    """Raise PermissionDenied unless the caller is superadmin or has one of `allowed`."""
+# --- role rules: every authorization decision of the service is one of these ----------------
+
+
+def _require(principal: Principal, allowed: Iterable[str], what: str) -> None:
     if not principal.has_any(allowed):
         raise PermissionDenied(f"caller {principal.sub!r} may not {what}")
 
 
-def can_send_mail(
-    principal: Principal, *, enable_user_full_access: bool, authorized_roles: Iterable[str]
-) -> bool:
-    if enable_user_full_access:
-        return True
-    return principal.has_any([ADMIN, *authorized_roles])
+def require_superadmin(principal: Principal, what: str) -> None:
+    """Only superadmin (e.g. the settings ACL)."""
+    _require(principal, (), what)
+
+
+def can_read_settings(principal: Principal, acl: SettingsAcl) -> bool:
+    return principal.has_any(acl.read_roles)
+
+
+def require_settings_read(principal: Principal, acl: SettingsAcl) -> None:
+    """superadmin, or a role in the ACL's read_roles."""
+    _require(principal, acl.read_roles, "read the mail settings")
+
+
+def require_settings_update(principal: Principal, acl: SettingsAcl, what: str = "update") -> None:
+    """superadmin, or a role in the ACL's update_roles (which does not grant read)."""
+    _require(principal, acl.update_roles, f"{what} the mail settings")
+
+
+def require_send_mail(principal: Principal, settings: MailSettings) -> None:
+    """admin, superadmin, a role in authorized_roles; anyone when enable_user_full_access."""
+    if not settings.enable_user_full_access:
+        _require(principal, (ADMIN, *settings.authorized_roles), "send mail")
+
+
+def require_template(principal: Principal, name: str, roles: Iterable[str]) -> None:
+    """superadmin, or a role in the template's roles (`user` there = any caller)."""
+    _require(principal, roles, f"use template {name!r}")
+
+
+def can_see_all_messages(principal: Principal) -> bool:
+    """admin and superadmin see every caller's messages; others only their own."""
+    return principal.has_any((ADMIN,))

@@ -8,9 +8,9 @@ from email.utils import parseaddr
 from functools import lru_cache
 from typing import Any
 
-from mailsvc.auth import Principal
+from mailsvc.auth import Principal, require_template
 from mailsvc.config import Config
-from mailsvc.errors import FieldViolation, NotFound, PermissionDenied
+from mailsvc.errors import FieldViolation, NotFound
 from mailsvc.message import (
     Address,
     Mail,
@@ -91,8 +91,7 @@ def template_for(snapshot: Snapshot, name: str, principal: Principal) -> Compile
     template = snapshot.templates.get(name)
     if template is None:
         raise NotFound(f"no template named {name!r}", reason="TEMPLATE_NOT_FOUND")
-    if not principal.has_any(template.roles):
-        raise PermissionDenied(f"caller {principal.sub!r} may not use template {name!r}")
+    require_template(principal, name, template.roles)
     return template
 
 

@@ -33,6 +33,13 @@ class Config:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     reload_interval: float = 2.0
+    # gRPC transport limits (no flags yet): streams per connection, calls in flight overall,
+    # keepalive pings, and how long an idle connection is kept.
+    max_concurrent_streams: int = 128
+    max_concurrent_rpcs: int = 2048
+    keepalive_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    max_connection_idle_seconds: float = 600.0
 
     @property
     def settings_path(self) -> Path:

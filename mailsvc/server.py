@@ -7,10 +7,12 @@ import logging
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from importlib import resources
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mailsvc.api.interceptors import RpcInterceptor
 from mailsvc.api.mail import MailServicer
@@ -26,6 +28,9 @@ from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2, settings_pb2_grpc
 
 log = logging.getLogger(__name__)
 SETTLE_SECONDS = 0.5
+# Room for the other fields of a request besides its message and attachments.
+MESSAGE_HEADROOM_BYTES = 1024 * 1024
+PROTOSET = "mailsvc.protoset"
 SERVICES = (
     mail_pb2.DESCRIPTOR.services_by_name["MailService"].full_name,
     settings_pb2.DESCRIPTOR.services_by_name["SettingsService"].full_name,
@@ -45,6 +50,37 @@ class Running:
     mailer: Mailer
     idempotency: IdempotencyStore
     metrics: Metrics
+
+
+def _options(config: Config) -> list[tuple[str, int]]:
+    """gRPC's limits, set deliberately rather than left to the library's defaults."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes + MESSAGE_HEADROOM_BYTES),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", int(config.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Clients may ping this often without calls; faster pings are a protocol abuse.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.max_connection_idle_ms", int(config.max_connection_idle_seconds * 1000)),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool | None:
+    """Descriptors for reflection from protoc's descriptor set, which (unlike the ones compiled
+    into the _pb2 modules) carry json_name, so clients like grpcurl print camelCase names."""
+    try:
+        data = resources.files("mailsvc.v1").joinpath(PROTOSET).read_bytes()
+    except OSError:
+        log.warning("%s not found next to mailsvc.v1: reflection shows proto field names", PROTOSET)
+        return None
+    pool = descriptor_pool.DescriptorPool()
+    for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
+        pool.AddSerializedFile(file.SerializeToString())
+    for module in (health_pb2, reflection_pb2):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
 
 
 def _bind(server: grpc.aio.Server, config: Config) -> None:
@@ -77,10 +113,8 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     interceptor = RpcInterceptor(TokenVerifier(secret), metrics)
     server = grpc.aio.server(
         interceptors=[interceptor],
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     mail_servicer = MailServicer(config, store, mailer, idempotency, metrics)
     mail_pb2_grpc.add_MailServiceServicer_to_server(mail_servicer, server)
@@ -88,7 +122,7 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=reflection_pool()
     )
     _bind(server, config)
     if config.dev:

@@ -168,3 +168,8 @@ def check(
         if result is not None:
             compiled[name] = result
     return compiled, v
+
+
+def names_only_output_fields(mask: FieldMask) -> bool:
+    """True when the mask names only output-only fields (etag, *_set): nothing to write."""
+    return _mask_paths(mask) == []

@@ -732,15 +732,18 @@ def test_read_roles_may_get_but_not_update(server: Server) -> None:
 def test_update_roles_may_update_and_delete(server: Server) -> None:
     acl = settings_pb2.SettingsAcl(update_roles=["ops"])
     assert put_acl(server, acl) == acl
+    # Update does not grant read: the answer carries the etag only.
     stored = update(server, full_settings(), metadata=OPS)
-    assert no_etag(stored) == public(full_settings())
+    assert stored == settings_pb2.MailSettings(etag=stored.etag) and stored.etag
+    assert no_etag(get(server)) == public(full_settings())
     masked = update(
         server,
         settings_pb2.MailSettings(default_from="ops@example.com"),
         "default_from",
         metadata=OPS,
     )
-    assert masked.default_from == "ops@example.com"
+    assert masked == settings_pb2.MailSettings(etag=masked.etag)
+    assert get(server).default_from == "ops@example.com"
     expect_error(DENIED, get, server, OPS)
     assert no_etag(delete(server, metadata=OPS)) == settings_pb2.MailSettings()
     assert no_etag(get(server)) == settings_pb2.MailSettings()

@@ -1,39 +1,28 @@
-"""One interceptor for every RPC of ours: authenticate, map errors to status, log access."""
+"""One interceptor for every RPC of ours: authenticate, refuse while draining, map errors to
+status, count and log access. Every kind of handler is wrapped: no call passes unchecked."""
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from mailsvc.api.callstate import CallInfo, current_call, set_call
 from mailsvc.api.status import internal_status, to_status
-from mailsvc.auth import Principal, TokenVerifier
+from mailsvc.auth import TokenVerifier
 from mailsvc.errors import MailsvcError, Unavailable
 from mailsvc.metrics import Metrics
 
 log = logging.getLogger("mailsvc.access")
 _PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_CANCELLED = (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)
 
-
-@dataclass
-class CallInfo:
-    """Per-call facts the servicer and the access log share."""
-
-    principal: Principal
-    message_id: str = ""
-
-
-_call: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("mailsvc_call")
-
-
-def current_call() -> CallInfo:
-    return _call.get()
+Handler = Callable[..., Any]
+Done = Callable[[CallInfo | None, str, float], None]
 
 
 def _authorization(metadata: Any) -> str | None:
@@ -48,7 +37,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._verifier = verifier
         self._metrics = metrics
         self.draining = False  # set at shutdown: calls not yet started are refused
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, Done]] = {}
 
     async def intercept_service(
         self,
@@ -56,66 +45,134 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = details.method
+        if method.startswith(_PUBLIC_PREFIXES):
+            return await continuation(details)
+        start = time.perf_counter()
         wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None or method.startswith(_PUBLIC_PREFIXES):
-            return handler
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = wrapped
-        return wrapped
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None:  # no such method: gRPC answers UNIMPLEMENTED
+                return None
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        # Credentials are checked here, before gRPC reads the request body: a refused call
+        # costs no memory for its body, however large.
+        try:
+            if self.draining:
+                raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+            principal = self._verifier.principal(_authorization(details.invocation_metadata))
+        except MailsvcError as exc:
+            return _refusal(exc, wrapped[1], start)
+        set_call(CallInfo(principal, start))
+        return wrapped[0]
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The handler with authentication, error mapping, metrics and the access log."""
-        inner = handler.unary_unary
-        verifier = self._verifier
-        name = method.lstrip("/")
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> tuple[Any, Done]:
+        """The handler with error mapping, metrics and the access log, for every kind."""
+        done = self._recorder(method.lstrip("/"))
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            inner = _unary_response(handler.unary_unary, method, done)
+            return grpc.unary_unary_rpc_method_handler(inner, **codecs), done
+        if handler.stream_unary is not None:
+            inner = _unary_response(handler.stream_unary, method, done)
+            return grpc.stream_unary_rpc_method_handler(inner, **codecs), done
+        if handler.unary_stream is not None:
+            inner = _stream_response(handler.unary_stream, method, done)
+            return grpc.unary_stream_rpc_method_handler(inner, **codecs), done
+        if handler.stream_stream is not None:
+            inner = _stream_response(handler.stream_stream, method, done)
+            return grpc.stream_stream_rpc_method_handler(inner, **codecs), done
+        # A handler of a kind we do not know cannot be checked, so it is never called.
+        log.error("refusing %s: its handler is of no known kind", method)
+        return _refusal(MailsvcError("internal error; the server log has the details"), done), done
+
+    def _recorder(self, name: str) -> Done:
         rpcs = self._metrics.rpcs
         latency = self._metrics.rpc_seconds.labels(name)
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code = "OK"
-            info: CallInfo | None = None
-            try:
-                if self.draining:
-                    raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
-                authorization = _authorization(context.invocation_metadata())
-                info = CallInfo(verifier.principal(authorization))
-                _call.set(info)
-                return await inner(request, context)
-            except MailsvcError as exc:
-                code = exc.code
-                status = to_status(exc)
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                code = "CANCELLED"
-                raise
-            except Exception:
-                code = "INTERNAL"
-                log.exception("unexpected error in %s", method)
-                status = internal_status()
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            finally:
-                elapsed = time.perf_counter() - start
-                rpcs.labels(name, code).inc()
-                latency.observe(elapsed)
-                fields = {
-                    "method": name,
-                    "caller": info.principal.sub if info else "-",
-                    "code": code,
-                    "duration_ms": round(elapsed * 1000, 2),
-                    "message_id": (info.message_id if info else "") or "-",
-                }
-                log.info(
-                    "rpc method=%s caller=%s code=%s duration_ms=%s message_id=%s",
-                    *fields.values(),
-                    extra=fields,
-                )
+        def done(info: CallInfo | None, code: str, start: float) -> None:
+            elapsed = time.perf_counter() - start
+            rpcs.labels(name, code).inc()
+            latency.observe(elapsed)
+            fields = {
+                "method": name,
+                "caller": info.principal.sub if info else "-",
+                "code": code,
+                "duration_ms": round(elapsed * 1000, 2),
+                "message_id": (info.message_id if info else "") or "-",
+            }
+            log.info(
+                "rpc method=%s caller=%s code=%s duration_ms=%s message_id=%s",
+                *fields.values(),
+                extra=fields,
+            )
 
-        return grpc.unary_unary_rpc_method_handler(
-            call,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return done
+
+
+def _refusal(exc: MailsvcError, done: Done, start: float | None = None) -> Any:
+    """A handler that answers `exc` at once. It is request-streaming without a deserializer
+    and never reads the request, so HTTP/2 flow control keeps the body off the server."""
+    status = to_status(exc)
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        done(None, exc.code, time.perf_counter() if start is None else start)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    if isinstance(exc, MailsvcError):
+        status = to_status(exc)
+    else:
+        log.error("unexpected error in %s", method, exc_info=exc)
+        status = internal_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _code(exc: Exception) -> str:
+    return exc.code if isinstance(exc, MailsvcError) else "INTERNAL"
+
+
+def _unary_response(inner: Handler, method: str, done: Done) -> Handler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        info = current_call()
+        code = "OK"
+        try:
+            return await inner(request, context)
+        except _CANCELLED:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = _code(exc)
+            await _abort(context, exc, method)
+        finally:
+            done(info, code, info.start)
+
+    return call
+
+
+def _stream_response(inner: Handler, method: str, done: Done) -> Handler:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        info = current_call()
+        code = "OK"
+        try:
+            result = inner(request, context)
+            if hasattr(result, "__aiter__"):
+                async for response in result:
+                    yield response
+            else:  # a handler that writes with context.write()
+                await result
+        except _CANCELLED:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            code = _code(exc)
+            await _abort(context, exc, method)
+        finally:
+            done(info, code, info.start)
+
+    return call

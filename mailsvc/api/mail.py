@@ -6,11 +6,11 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from mailsvc.api.interceptors import current_call
-from mailsvc.auth import can_send_mail
+from mailsvc.api.callstate import current_call
+from mailsvc.auth import require_send_mail
 from mailsvc.compose import MailRequest, check_mail, compose_templated, sender_of, template_for
 from mailsvc.config import Config
-from mailsvc.errors import InvalidArgument, PermissionDenied
+from mailsvc.errors import InvalidArgument
 from mailsvc.idempotency import IdempotencyStore, fingerprint
 from mailsvc.mailer import Mailer
 from mailsvc.message import Mail
@@ -92,12 +92,7 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         call = current_call()
         snapshot = self._store.snapshot
         settings = snapshot.settings
-        if not can_send_mail(
-            call.principal,
-            enable_user_full_access=settings.enable_user_full_access,
-            authorized_roles=settings.authorized_roles,
-        ):
-            raise PermissionDenied(f"caller {call.principal.sub!r} may not send mail")
+        require_send_mail(call.principal, settings)
         mail = check_mail(
             MailRequest(
                 to=list(request.to),

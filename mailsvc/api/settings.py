@@ -5,8 +5,14 @@ from __future__ import annotations
 import grpc
 
 from mailsvc import settings as rules
-from mailsvc.api.interceptors import current_call
-from mailsvc.auth import require
+from mailsvc.api.callstate import current_call
+from mailsvc.auth import (
+    can_read_settings,
+    require_settings_read,
+    require_settings_update,
+    require_superadmin,
+)
+from mailsvc.errors import Aborted
 from mailsvc.store import SettingsStore, Snapshot
 from mailsvc.v1 import settings_pb2 as pb
 from mailsvc.v1 import settings_pb2_grpc
@@ -18,6 +24,13 @@ def _response(snapshot: Snapshot) -> pb.MailSettings:
     return out
 
 
+def _write_response(snapshot: Snapshot) -> pb.MailSettings:
+    """After a write: the settings for callers who may read them, else only the etag."""
+    if can_read_settings(current_call().principal, snapshot.acl):
+        return _response(snapshot)
+    return pb.MailSettings(etag=snapshot.etag)
+
+
 class SettingsServicer(settings_pb2_grpc.SettingsServiceServicer):  # type: ignore[misc]
     def __init__(self, store: SettingsStore) -> None:
         self._store = store
@@ -26,37 +39,40 @@ class SettingsServicer(settings_pb2_grpc.SettingsServiceServicer):  # type: igno
         self, request: pb.GetMailSettingsRequest, context: grpc.aio.ServicerContext
     ) -> pb.MailSettings:
         snapshot = self._store.snapshot
-        require(current_call().principal, snapshot.acl.read_roles, "read the mail settings")
+        require_settings_read(current_call().principal, snapshot.acl)
         return _response(snapshot)
 
     async def UpdateMailSettings(
         self, request: pb.UpdateMailSettingsRequest, context: grpc.aio.ServicerContext
     ) -> pb.MailSettings:
-        acl = self._store.snapshot.acl
-        require(current_call().principal, acl.update_roles, "update the mail settings")
+        snapshot = self._store.snapshot
+        require_settings_update(current_call().principal, snapshot.acl)
+        if rules.names_only_output_fields(request.update_mask):
+            if request.etag and request.etag != snapshot.etag:
+                raise Aborted("etag does not match the stored settings: read them again and retry")
+            return _write_response(snapshot)
         snapshot = await self._store.update(
             lambda current: rules.apply_update(current, request.settings, request.update_mask),
             request.etag,
         )
-        return _response(snapshot)
+        return _write_response(snapshot)
 
     async def DeleteMailSettings(
         self, request: pb.DeleteMailSettingsRequest, context: grpc.aio.ServicerContext
     ) -> pb.MailSettings:
-        acl = self._store.snapshot.acl
-        require(current_call().principal, acl.update_roles, "delete the mail settings")
+        require_settings_update(current_call().principal, self._store.snapshot.acl, "delete")
         snapshot = await self._store.update(lambda current: pb.MailSettings(), request.etag)
-        return _response(snapshot)
+        return _write_response(snapshot)
 
     async def GetSettingsAcl(
         self, request: pb.GetSettingsAclRequest, context: grpc.aio.ServicerContext
     ) -> pb.SettingsAcl:
-        require(current_call().principal, [], "read the settings ACL")
+        require_superadmin(current_call().principal, "read the settings ACL")
         return self._store.snapshot.acl
 
     async def UpdateSettingsAcl(
         self, request: pb.UpdateSettingsAclRequest, context: grpc.aio.ServicerContext
     ) -> pb.SettingsAcl:
-        require(current_call().principal, [], "update the settings ACL")
+        require_superadmin(current_call().principal, "update the settings ACL")
         snapshot = await self._store.update_acl(request.acl)
         return snapshot.acl
