@@ -8,11 +8,12 @@ the first violations are listed, with one more saying how many were left out.
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from mailsvc.errors import FieldViolation, InvalidArgument, MailsvcError
+from mailsvc.limits import QuotaExceeded
 
 DOMAIN = "mailsvc"
 MAX_FIELD_CHARS = 100
@@ -71,12 +72,35 @@ def to_status(exc: MailsvcError) -> grpc.Status:
         details.append(packed)
         if len(message) > MAX_MESSAGE_CHARS:
             message = "; ".join(f"{v.field}: {v.description}" for v in violations)
+    elif isinstance(exc, QuotaExceeded):
+        details.extend(_quota_details(exc))
     status = status_pb2.Status(
         code=code_pb2.Code.Value(exc.code),
         message=shorten(message, MAX_MESSAGE_CHARS),
         details=details,
     )
     return rpc_status.to_status(status)
+
+
+def _quota_details(exc: QuotaExceeded) -> list[any_pb2.Any]:
+    """QuotaFailure always; RetryInfo only when a retry would be accepted (AIP-193)."""
+    failure = any_pb2.Any()
+    failure.Pack(
+        error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=exc.quota_subject, description=exc.quota_description
+                )
+            ]
+        )
+    )
+    if exc.retry_after is None:
+        return [failure]
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(exc.retry_after, 0.0) * 1e9))
+    retry = any_pb2.Any()
+    retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return [failure, retry]
 
 
 def internal_status() -> grpc.Status:

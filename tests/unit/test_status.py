@@ -70,3 +70,44 @@ def test_small_errors_are_unchanged() -> None:
     assert status.details == "to: at least one recipient is required"
     status = status_mod.to_status(NotFound("no template named 'x' " + "y" * 10_000))
     assert len(status.details) <= status_mod.MAX_MESSAGE_CHARS
+
+
+def test_quota_errors_carry_quota_failure_and_retry_info() -> None:
+    from google.rpc import error_details_pb2 as ed
+
+    from mailsvc.limits import QuotaExceeded
+
+    exc = QuotaExceeded(
+        "over the limit",
+        reason="RATE_LIMITED",
+        retry_after=12.5,
+        quota_subject="caller:alice",
+        quota_description="10 mails per minute",
+    )
+    details = rpc_status_details(exc)
+    failure = ed.QuotaFailure()
+    assert details[1].Unpack(failure)
+    assert failure.violations[0].subject == "caller:alice"
+    retry = ed.RetryInfo()
+    assert details[2].Unpack(retry)
+    assert retry.retry_delay.seconds == 12 and retry.retry_delay.nanos == 500_000_000
+    never = QuotaExceeded(
+        "too big",
+        reason="DAILY_QUOTA_EXCEEDED",
+        retry_after=None,
+        quota_subject="caller:alice",
+        quota_description="100 mails per day",
+    )
+    assert len(rpc_status_details(never)) == 2  # no RetryInfo when no retry would fit
+
+
+def rpc_status_details(exc: Exception) -> list[Any]:
+    from google.rpc import status_pb2
+
+    from mailsvc.api.status import to_status
+    from mailsvc.errors import MailsvcError
+
+    assert isinstance(exc, MailsvcError)
+    status = to_status(exc)
+    raw = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    return list(status_pb2.Status.FromString(raw).details)
