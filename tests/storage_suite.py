@@ -159,7 +159,7 @@ async def test_an_expired_lease_is_claimed_again_and_the_old_owner_cannot_finish
     storage: Storage,
 ) -> None:
     await storage.insert([new("m")])
-    [first] = await storage.claim(now=T0, limit=1, lease=30, owner="dead")
+    await storage.claim(now=T0, limit=1, lease=30, owner="dead")
     assert await storage.next_due() == T0 + 30
     [again] = await storage.claim(now=T0 + 31, limit=1, lease=30, owner="alive")
     assert again.id == "m" and again.attempts == 2

@@ -149,7 +149,7 @@ async def test_a_second_process_on_the_same_file_is_refused(tmp_path: Path) -> N
     first = SqliteStorage(db)
     await first.open()
     try:
-        child = subprocess.run(
+        child = subprocess.run(  # noqa: ASYNC221 - the parent only waits for the refusal
             [
                 sys.executable,
                 "-c",
