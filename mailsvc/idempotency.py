@@ -51,9 +51,7 @@ class IdempotencyStore:
         self._clock = clock
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Task[bytes]]] = {}
 
-    async def _execute(
-        self, caller: str, key: str, call: Callable[[], Awaitable[bytes]]
-    ) -> bytes:
+    async def _execute(self, caller: str, key: str, call: Callable[[], Awaitable[bytes]]) -> bytes:
         try:
             response = await call()
         except BaseException:
