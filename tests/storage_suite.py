@@ -83,6 +83,19 @@ async def test_insert_is_all_or_nothing(storage: Storage) -> None:
     assert await storage.get("fresh") is None
 
 
+async def test_a_failing_insert_does_not_take_concurrent_ones_down(storage: Storage) -> None:
+    await storage.insert([new("dup")])
+    results = await asyncio.gather(
+        *(storage.insert([new(f"ok{i}")]) for i in range(20)),
+        storage.insert([new("dup")]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[-1], Exception)
+    assert results[:-1] == [None] * 20
+    for i in range(20):
+        assert await storage.get(f"ok{i}") is not None
+
+
 async def test_list_pages_cover_every_record_once_newest_first(storage: Storage) -> None:
     rng = random.Random(7)
     # Several records share a create_time: the id breaks the tie.

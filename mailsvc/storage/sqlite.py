@@ -216,11 +216,13 @@ class SqliteStorage:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hub: Broadcaster[Event] = Broadcaster()
         self._lock_fd: int | None = None
+        self._closing = False
 
     # --- the thread
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._closing = False
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name="mailsvc-sqlite", daemon=True
@@ -273,12 +275,21 @@ class SqliteStorage:
                     stop = True
                     break
                 batch.append(job)
-            for job in batch:
-                if not job.write:
-                    self._read(conn, job)
-            writes = [job for job in batch if job.write]
-            if writes:
-                self._write(conn, writes)
+            try:
+                for job in batch:
+                    if not job.write:
+                        self._read(conn, job)
+                writes = [job for job in batch if job.write]
+                if writes:
+                    self._write(conn, writes)
+            except Exception as exc:  # a bug here must not leave callers waiting forever
+                log.exception("%s: the store's thread failed a batch", self.path)
+                with contextlib.suppress(sqlite3.Error):
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                for job in batch:
+                    job.outcome = (False, StorageError(f"internal error in the store: {exc!r}"))
+                    job.events = []
             self._loop.call_soon_threadsafe(self._deliver, batch)
 
     def _deliver(self, batch: list[_Job]) -> None:
@@ -299,24 +310,27 @@ class SqliteStorage:
     def _write(self, conn: sqlite3.Connection, jobs: list[_Job]) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
-            done: list[_Job] = []
             for job in jobs:
                 tx = _Tx(conn)
                 conn.execute("SAVEPOINT job")
                 try:
                     result = job.fn(tx)
-                except (sqlite3.IntegrityError, StorageError, ValueError) as exc:
+                except Exception as exc:
+                    if isinstance(exc, sqlite3.Error) and not isinstance(
+                        exc, sqlite3.IntegrityError
+                    ):
+                        raise  # the transaction itself may be gone: fail the batch
+                    # This caller's mistake (a duplicate id, a bad argument): only its job
+                    # is undone, the others in the batch are committed.
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    error = (
-                        exc if not isinstance(exc, sqlite3.Error) else _storage_error("write", exc)
-                    )
-                    job.outcome = (False, error)
+                    if isinstance(exc, sqlite3.Error):
+                        exc = _storage_error("write", exc)
+                    job.outcome = (False, exc)
                     continue
                 conn.execute("RELEASE job")
                 job.outcome = (True, result)
                 job.events = tx.events
-                done.append(job)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             # Disk full, I/O error: nothing of this batch is kept, and every caller hears it.
@@ -329,7 +343,7 @@ class SqliteStorage:
                 job.events = []
 
     async def _call(self, fn: Callable[[Any], T], *, write: bool) -> T:
-        if self._loop is None or self._thread is None:
+        if self._loop is None or self._thread is None or self._closing:
             raise StorageError("the store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
         self._jobs.put(_Job(fn, write, future))
@@ -345,6 +359,7 @@ class SqliteStorage:
         thread = self._thread
         if thread is None:
             return
+        self._closing = True
         self._jobs.put(None)
         await asyncio.to_thread(thread.join)
         self._thread = None
