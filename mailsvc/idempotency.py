@@ -1,32 +1,27 @@
 """Idempotent requests (AIP-155): a repeat of (caller, key) returns the first response.
 
-Responses are kept in SQLite in the data dir for 24 hours, so they survive a restart. A repeat
-that arrives while the first is in flight waits for it; if the first fails, nothing is kept
-and the repeat runs itself, since nothing was sent.
+Keys live in the Storage for 24 hours, so they survive a restart and are shared by replicas.
+The first request reserves its key before it runs; a repeat that arrives while it is in
+flight waits for it (in this process on its task, across processes by polling the reserved
+entry). If the first fails, the reservation is released and nothing is kept, since nothing
+was sent; the repeat then runs itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
+import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from mailsvc.errors import InvalidArgument
+from mailsvc.storage.base import Storage
+
+log = logging.getLogger(__name__)
 
 TTL_SECONDS = 24 * 3600
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
-    caller TEXT NOT NULL,
-    key TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    response BLOB NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (caller, key)
-)
-"""
+POLL_SECONDS = 0.05  # how often a repeat looks whether another process's first call ended
 
 
 def fingerprint(method: str, request_bytes: bytes) -> str:
@@ -40,44 +35,29 @@ def _mismatch() -> InvalidArgument:
 
 
 class IdempotencyStore:
-    """Remembers responses by (caller, key); one instance per server process."""
+    """Runs each (caller, key) once per TTL; one instance per server process."""
 
-    def __init__(self, path: Path, *, ttl: float = TTL_SECONDS) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        ttl: float = TTL_SECONDS,
+        poll: float = POLL_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._storage = storage
         self._ttl = ttl
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
+        self._poll = poll
+        self._clock = clock
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Task[bytes]]] = {}
-        path.chmod(0o600)
-        self.purge()
 
-    def purge(self) -> int:
-        """Forget responses older than the TTL; returns how many."""
-        cursor = self._db.execute(
-            "DELETE FROM responses WHERE created < ?", (time.time() - self._ttl,)
-        )
-        return cursor.rowcount
-
-    def _lookup(self, caller: str, key: str) -> tuple[str, bytes] | None:
-        row = self._db.execute(
-            "SELECT fingerprint, response FROM responses WHERE caller = ? AND key = ? "
-            "AND created >= ?",
-            (caller, key, time.time() - self._ttl),
-        ).fetchone()
-        return (row[0], row[1]) if row else None
-
-    def _save(self, caller: str, key: str, fp: str, response: bytes) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
-            (caller, key, fp, response, time.time()),
-        )
-
-    async def _execute(
-        self, caller: str, key: str, fp: str, call: Callable[[], Awaitable[bytes]]
-    ) -> bytes:
-        response = await call()
-        await asyncio.to_thread(self._save, caller, key, fp, response)
+    async def _execute(self, caller: str, key: str, call: Callable[[], Awaitable[bytes]]) -> bytes:
+        try:
+            response = await call()
+        except BaseException:
+            await self._storage.idempotency_release(caller, key)
+            raise
+        await self._storage.idempotency_complete(caller, key, response)
         return response
 
     async def run(
@@ -94,23 +74,28 @@ class IdempotencyStore:
         """
         slot = (caller, key)
         while True:
-            kept = self._lookup(caller, key)
-            if kept is not None:
-                if kept[0] != fp:
-                    raise _mismatch()
-                return kept[1], True
             inflight = self._inflight.get(slot)
-            if inflight is None or inflight[1].done():
-                break
-            if inflight[0] != fp:
+            if inflight is not None and not inflight[1].done():
+                if inflight[0] != fp:
+                    raise _mismatch()
+                try:
+                    return await asyncio.shield(inflight[1]), True
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    continue  # the first attempt failed and kept nothing: try ourselves
+            entry = await self._storage.idempotency_reserve(
+                caller, key, fp, now=self._clock(), ttl=self._ttl
+            )
+            if entry is None:
+                break  # reserved for this call
+            if entry.fingerprint != fp:
                 raise _mismatch()
-            try:
-                return await asyncio.shield(inflight[1]), True
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                continue  # the first attempt failed and kept nothing: try ourselves
-        task = asyncio.create_task(self._execute(caller, key, fp, call))
+            if entry.response is not None:
+                return entry.response, True
+            # In flight: here (its task is about to be registered) or in another process.
+            await asyncio.sleep(self._poll)
+        task = asyncio.create_task(self._execute(caller, key, call))
         self._inflight[slot] = (fp, task)
         task.add_done_callback(lambda t: self._forget(slot, t))
         return await asyncio.shield(task), False
@@ -122,8 +107,7 @@ class IdempotencyStore:
             task.exception()  # retrieved here, so an abandoned failure is not warned about
 
     async def aclose(self, timeout: float) -> None:
-        """Let sends whose caller went away finish and be recorded, then close the store."""
+        """Let sends whose caller went away finish and be recorded (the store stays open)."""
         pending = [task for _, task in self._inflight.values()]
         if pending:
             await asyncio.wait(pending, timeout=timeout)
-        self._db.close()

@@ -64,6 +64,8 @@ class NewMessage:
     message_id: str = ""  # as in SendMailResponse, once sent
     suppressed: tuple[str, ...] = ()
     detail: str = ""  # detail of the first event
+    last_error: str = ""  # for a record created FAILED
+    last_error_reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,6 +161,10 @@ class StorageError(Exception):
     """The store cannot do its job (disk full, database away); callers map it to UNAVAILABLE."""
 
 
+class StorageOpenError(StorageError):
+    """The store cannot be opened (corrupt, unwritable, in use, newer schema): do not start."""
+
+
 class Storage(Protocol):
     """Everything a replica shares with the others (or keeps across restarts, embedded)."""
 
@@ -217,9 +223,10 @@ class Storage(Protocol):
 
     async def oldest_due(self, *, now: float) -> float | None: ...
 
-    async def purge(self, *, before: float) -> int:
-        """Delete records whose last change is older than `before` (and their events) and
-        expired idempotency keys, webhook tokens and counters. Returns records deleted."""
+    async def purge(self, *, before: float, now: float) -> int:
+        """Delete records whose last change is older than `before` (and their events; never a
+        pending one) and idempotency keys, webhook tokens and counters expired at `now`.
+        Returns records deleted."""
         ...
 
     # --- idempotency (AIP-155)
