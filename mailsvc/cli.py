@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from mailsvc import logs
     from mailsvc.config import ConfigError
     from mailsvc.server import ListenError, serve
+    from mailsvc.storage.base import StorageOpenError
     from mailsvc.store import SettingsFileError
 
     try:
@@ -51,7 +52,7 @@ def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     try:
         # uvloop: a faster event loop, measured in `make bench` (see README, Benchmark).
         uvloop.run(serve(config, environ))
-    except (SettingsFileError, ListenError) as exc:
+    except (SettingsFileError, ListenError, StorageOpenError) as exc:
         print(f"mailsvc: cannot start: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -22,6 +22,8 @@ from mailsvc.config import Config
 from mailsvc.idempotency import IdempotencyStore
 from mailsvc.mailer import Mailer
 from mailsvc.metrics import Metrics
+from mailsvc.storage.base import Storage
+from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
 from mailsvc.store import SettingsFileError, SettingsStore
 from mailsvc.templates import TemplateEngine
 from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2, settings_pb2_grpc
@@ -48,6 +50,7 @@ class Running:
     interceptor: RpcInterceptor
     store: SettingsStore
     mailer: Mailer
+    storage: Storage
     idempotency: IdempotencyStore
     metrics: Metrics
 
@@ -109,7 +112,25 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     store = SettingsStore(config.data_dir, TemplateEngine())
     metrics = Metrics()
     mailer = Mailer(config, metrics)
-    idempotency = IdempotencyStore(config.data_dir / "idempotency.sqlite3")
+    storage = SqliteStorage(config.data_dir / FILE_NAME)
+    await storage.open()
+    try:
+        return _wire(config, secret, store, metrics, mailer, storage)
+    except BaseException:
+        await storage.aclose()
+        await mailer.aclose()
+        raise
+
+
+def _wire(
+    config: Config,
+    secret: bytes,
+    store: SettingsStore,
+    metrics: Metrics,
+    mailer: Mailer,
+    storage: Storage,
+) -> Running:
+    idempotency = IdempotencyStore(storage)
     interceptor = RpcInterceptor(TokenVerifier(secret), metrics)
     server = grpc.aio.server(
         interceptors=[interceptor],
@@ -128,14 +149,9 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     if config.dev:
         token = mint_token(secret, [SUPERADMIN], "dev", ttl=None)
         print(f"dev mode: superadmin token: {token}", flush=True)
-    return Running(server, health_servicer, interceptor, store, mailer, idempotency, metrics)
-
-
-async def _purge_forever(idempotency: IdempotencyStore) -> None:
-    while True:
-        await asyncio.sleep(3600)
-        purged = await asyncio.to_thread(idempotency.purge)
-        log.info("forgot %d idempotency keys older than 24 hours", purged)
+    return Running(
+        server, health_servicer, interceptor, store, mailer, storage, idempotency, metrics
+    )
 
 
 async def _reload_forever(store: SettingsStore, metrics: Metrics, interval: float) -> None:
@@ -172,7 +188,7 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    background = [asyncio.create_task(_purge_forever(running.idempotency))]
+    background: list[asyncio.Task[None]] = []
     if config.reload_interval > 0:
         background.append(
             asyncio.create_task(
@@ -191,6 +207,7 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     await running.server.stop(config.grace_seconds)
     await running.idempotency.aclose(timeout=config.grace_seconds)
     await running.mailer.aclose()
+    await running.storage.aclose()
     if metrics_server is not None:
         metrics_server[0].shutdown()
     log.info("stopped")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.rpc import error_details_pb2, status_pb2
 
 from mailsvc.api import status as status_mod
