@@ -367,6 +367,15 @@ class Pki:
     client_cert: Path
     client_key: Path
 
+    def server_flags(self) -> list[str]:
+        """`mailsvc serve` flags for TLS with this certificate."""
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+
+    def client_flags(self) -> list[str]:
+        """Client command flags: trust the CA and present the client certificate."""
+        trust = ["--tls-ca", str(self.ca)]
+        return [*trust, "--tls-cert", str(self.client_cert), "--tls-key", str(self.client_key)]
+
 
 @pytest.fixture(scope="session")
 def pki(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Pki:
