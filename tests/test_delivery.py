@@ -119,6 +119,13 @@ def request(text: str = "Hello", **fields: Any) -> mail_pb2.SendMailRequest:
     return mail_pb2.SendMailRequest(**values)
 
 
+def assert_sent_once(sink: SmtpSink, message_id: str) -> None:
+    """One DATA command reached the sink, and it delivered the mail `message_id` names."""
+    assert len(sink.received) == 1
+    assert sink.handler.data_commands == 1
+    assert message_id_header(sink.received[0]) == message_id
+
+
 # --- 1. idempotency ----------------------------------------------------------------------------
 
 # No test here waits for "nothing more" after a call returned: the sinks count a DATA command
@@ -134,9 +141,7 @@ def test_same_key_twice_sends_once(shared_server: Server, smtp_sink: SmtpSink) -
     second = send(shared_server, req)
     assert second == first
     assert first.transport == "smtp"
-    assert len(smtp_sink.received) == 1
-    assert smtp_sink.handler.data_commands == 1
-    assert message_id_header(smtp_sink.received[0]) == first.message_id
+    assert_sent_once(smtp_sink, first.message_id)
 
 
 def test_same_key_across_a_restart_sends_once(
@@ -164,9 +169,7 @@ def test_same_key_twice_at_once_sends_once(
     responses = [call.result() for call in calls]
     assert responses[0].message_id
     assert responses[0] == responses[1]
-    assert len(slow.received) == 1
-    assert slow.handler.data_commands == 1
-    assert message_id_header(slow.received[0]) == responses[0].message_id
+    assert_sent_once(slow, responses[0].message_id)
 
 
 def test_caller_gone_mid_send_still_records_the_key(
@@ -181,9 +184,7 @@ def test_caller_gone_mid_send_still_records_the_key(
     slow.wait_data(1)
     first.cancel()
     retry = send(shared_server, req)
-    assert len(slow.received) == 1
-    assert slow.handler.data_commands == 1
-    assert message_id_header(slow.received[0]) == retry.message_id
+    assert_sent_once(slow, retry.message_id)
 
 
 def test_same_key_of_another_caller_is_its_own_send(
