@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import json
@@ -25,7 +26,7 @@ import jwt
 import pytest
 import trustme
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mailsvc.v1 import mail_pb2_grpc, settings_pb2, settings_pb2_grpc
 
@@ -39,6 +40,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10, what: str = "condition"
+) -> None:
+    """Poll `predicate` until it is true; fail the test when `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not met within {timeout}s")
+        time.sleep(0.02)
 
 
 def make_token(
@@ -105,23 +117,47 @@ def start_server(
     env: dict[str, str] | None = None,
     port: int | None = None,
     wait: bool = True,
+    jwt_secret: str | None = JWT_SECRET,
+    via_env: bool = False,
+    cwd: Path | None = None,
 ) -> Server:
-    """Start the server as a user would and wait until health says SERVING."""
+    """Start the server as a user would and wait until health says SERVING.
+
+    The child gets this process's environment without MAILSVC_ variables, then
+    MAILSVC_JWT_SECRET (unless `jwt_secret` is None), then `env`. The address and `data_dir`
+    go in as --listen/--data-dir, or as MAILSVC_LISTEN/MAILSVC_DATA_DIR when `via_env`.
+    """
     port = port or free_port()
     address = f"127.0.0.1:{port}"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSVC_")}
-    full_env["MAILSVC_JWT_SECRET"] = JWT_SECRET
+    if jwt_secret is not None:
+        full_env["MAILSVC_JWT_SECRET"] = jwt_secret
+    command = [sys.executable, "-m", "mailsvc", "serve"]
+    if via_env:
+        full_env.update(MAILSVC_LISTEN=address, MAILSVC_DATA_DIR=str(data_dir))
+    else:
+        command += ["--listen", address, "--data-dir", str(data_dir)]
+    command += args
     full_env.update(env or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"server-{port}.log"
-    command = [sys.executable, "-m", "mailsvc", "serve", "--listen", address]
-    command += ["--data-dir", str(data_dir), *args]
     with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd
+        )
     server = Server(address, data_dir, proc, log_path)
     if wait:
         wait_serving(server)
     return server
+
+
+def serving(server: Server) -> bool:
+    """Whether health says SERVING now (False while starting, draining or gone)."""
+    try:
+        reply = server.health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def wait_serving(server: Server, timeout: float = 20) -> None:
@@ -129,12 +165,8 @@ def wait_serving(server: Server, timeout: float = 20) -> None:
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(f"server exited {server.proc.returncode}:\n{server.logs()}")
-        try:
-            reply = server.health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
+        if serving(server):
+            return
         time.sleep(0.05)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server did not become SERVING:\n{server.logs()}")
@@ -162,6 +194,14 @@ def server(server_factory: Callable[..., Server]) -> Server:
     return server_factory()
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with default flags for a whole module; each test stores its own settings."""
+    server = start_server(tmp_path_factory.mktemp("shared") / "data")
+    yield server
+    server.stop(signal.SIGKILL)
+
+
 # --- SMTP sink -------------------------------------------------------------------------------
 
 
@@ -179,16 +219,28 @@ class Received:
 
 
 class SinkHandler:
-    """Collects every mail; `reply` may answer DATA with a chosen SMTP reply instead."""
+    """Collects every mail it accepts and counts DATA commands.
 
-    def __init__(self) -> None:
+    `data_replies` answers the next DATA commands (one each) with chosen SMTP replies,
+    `always` answers every DATA with one reply, `delay` makes each DATA slow.
+    """
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
         self.received: list[Received] = []
         self.data_replies: list[str] = []  # consumed one per DATA; empty = "250 OK"
-        self.connections = 0
+        self.always: str | None = None  # answer every DATA with this, accept nothing
+        self.data_commands = 0
         self.lock = threading.Lock()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self.lock:
+            self.data_commands += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        with self.lock:
+            if self.always is not None:
+                return self.always
             if self.data_replies:
                 return self.data_replies.pop(0)
             self.received.append(
@@ -197,22 +249,86 @@ class SinkHandler:
         return "250 OK"
 
 
+class ConnectionCounter:
+    """Connections the sink has seen: opened in all, open now, most open at once."""
+
+    def __init__(self) -> None:
+        self.armed = False  # the controller's own start-up probe is not counted
+        self.opened = 0
+        self.open_now = 0
+        self.max_open = 0
+        self.lock = threading.Lock()
+
+
+class CountingSMTP(SMTP):  # type: ignore[misc]
+    def __init__(self, handler: Any, counter: ConnectionCounter, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._counter = counter
+        self._counted = counter.armed
+
+    def connection_made(self, transport: Any) -> None:
+        if self._counted:
+            c = self._counter
+            with c.lock:
+                c.opened += 1
+                c.open_now += 1
+                c.max_open = max(c.max_open, c.open_now)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            with self._counter.lock:
+                self._counter.open_now -= 1
+        super().connection_lost(error)
+
+
+class CountingController(Controller):  # type: ignore[misc]
+    def __init__(self, handler: Any, counter: ConnectionCounter, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.counter = counter
+
+    def factory(self) -> CountingSMTP:
+        return CountingSMTP(self.handler, self.counter, **self.SMTP_kwargs)
+
+
 @dataclass
 class SmtpSink:
     host: str
     port: int
     handler: SinkHandler
     controller: Controller
+    counter: ConnectionCounter = field(default_factory=ConnectionCounter)
 
     @property
     def received(self) -> list[Received]:
         return self.handler.received
 
     def wait_for(self, count: int, timeout: float = 10) -> list[Received]:
+        """The mails received, once there are `count` (or `timeout` passed: callers assert)."""
         deadline = time.monotonic() + timeout
         while len(self.received) < count and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.received
+
+    def wait_data(self, count: int, timeout: float = 10) -> None:
+        """Wait until the sink has seen `count` DATA commands (accepted or not)."""
+        wait_until(lambda: self.handler.data_commands >= count, timeout, "DATA commands")
+
+    def expect_no_more(self, within: float) -> None:
+        """Fail as soon as a mail beyond those received now arrives in the next `within` s.
+
+        Only for work that may outlive its RPC (a caller that gave up, a deadline): a mail a
+        finished call caused has reached the sink before the call returned.
+        """
+        count = len(self.received)
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            assert len(self.received) == count, f"{len(self.received) - count} more mail(s)"
+            time.sleep(0.02)
+        assert len(self.received) == count, f"{len(self.received) - count} more mail(s)"
+
+    def stop(self) -> None:
+        self.controller.stop()
 
 
 def _authenticator(
@@ -240,6 +356,47 @@ def ca_file(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return path
 
 
+@dataclass(frozen=True)
+class Pki:
+    """PEM files signed by the test CA: a server certificate for 127.0.0.1 and mail.internal
+    (not localhost), and a client certificate."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+    def server_flags(self) -> list[str]:
+        """`mailsvc serve` flags for TLS with this certificate."""
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+
+    def client_flags(self) -> list[str]:
+        """Client command flags: trust the CA and present the client certificate."""
+        trust = ["--tls-ca", str(self.ca)]
+        return [*trust, "--tls-cert", str(self.client_cert), "--tls-key", str(self.client_key)]
+
+
+@pytest.fixture(scope="session")
+def pki(tls_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    base = tmp_path_factory.mktemp("pki")
+    files = Pki(
+        base / "ca.pem",
+        base / "server.pem",
+        base / "server.key",
+        base / "client.pem",
+        base / "client.key",
+    )
+    server_cert = tls_ca.issue_cert("127.0.0.1", "mail.internal")
+    client_cert = tls_ca.issue_cert("operator.example.com")
+    tls_ca.cert_pem.write_to_path(str(files.ca))
+    server_cert.cert_chain_pems[0].write_to_path(str(files.cert))
+    server_cert.private_key_pem.write_to_path(str(files.key))
+    client_cert.cert_chain_pems[0].write_to_path(str(files.client_cert))
+    client_cert.private_key_pem.write_to_path(str(files.client_key))
+    return files
+
+
 @pytest.fixture(scope="session")
 def server_ssl_context(tls_ca: trustme.CA) -> ssl.SSLContext:
     cert = tls_ca.issue_cert("localhost", "127.0.0.1")
@@ -248,35 +405,57 @@ def server_ssl_context(tls_ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
+def start_sink(
+    mode: str = "plain",
+    *,
+    auth: bool = False,
+    delay: float = 0.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> SmtpSink:
+    """Start an SMTP sink on 127.0.0.1 (see smtp_factory); the caller stops it."""
+    handler = SinkHandler(delay)
+    counter = ConnectionCounter()
+    port = free_port()
+    kwargs: dict[str, Any] = {}
+    if mode == "starttls":
+        kwargs["tls_context"] = ssl_context
+    elif mode == "implicit":
+        kwargs["ssl_context"] = ssl_context
+    if auth:
+        kwargs.update(authenticator=_authenticator, auth_required=True, auth_require_tls=False)
+    controller = CountingController(handler, counter, hostname="127.0.0.1", port=port, **kwargs)
+    controller.start()
+    counter.armed = True
+    return SmtpSink("127.0.0.1", port, handler, controller, counter)
+
+
 @pytest.fixture
 def smtp_factory(server_ssl_context: ssl.SSLContext) -> Iterator[Callable[..., SmtpSink]]:
-    """Start SMTP sinks: mode "plain", "starttls" or "implicit"; auth=True requires AUTH."""
+    """Start SMTP sinks: mode "plain", "starttls" or "implicit"; auth=True requires AUTH;
+    delay (seconds) makes every DATA slow."""
     sinks: list[SmtpSink] = []
 
-    def factory(mode: str = "plain", *, auth: bool = False) -> SmtpSink:
-        handler = SinkHandler()
-        port = free_port()
-        kwargs: dict[str, Any] = {}
-        if mode == "starttls":
-            kwargs["tls_context"] = server_ssl_context
-        elif mode == "implicit":
-            kwargs["ssl_context"] = server_ssl_context
-        if auth:
-            kwargs.update(authenticator=_authenticator, auth_required=True, auth_require_tls=False)
-        controller = Controller(handler, hostname="127.0.0.1", port=port, **kwargs)
-        controller.start()
-        sink = SmtpSink("127.0.0.1", port, handler, controller)
+    def factory(mode: str = "plain", *, auth: bool = False, delay: float = 0.0) -> SmtpSink:
+        sink = start_sink(mode, auth=auth, delay=delay, ssl_context=server_ssl_context)
         sinks.append(sink)
         return sink
 
     yield factory
     for sink in sinks:
-        sink.controller.stop()
+        sink.stop()
 
 
 @pytest.fixture
 def smtp_sink(smtp_factory: Callable[..., SmtpSink]) -> SmtpSink:
     return smtp_factory()
+
+
+@pytest.fixture(scope="module")
+def shared_sink() -> Iterator[SmtpSink]:
+    """One plain SMTP sink for a whole module (mails of earlier tests stay in it)."""
+    sink = start_sink()
+    yield sink
+    sink.stop()
 
 
 # --- Mailgun stand-in ------------------------------------------------------------------------

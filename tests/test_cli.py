@@ -3,50 +3,22 @@
 from __future__ import annotations
 
 import os
-import re
-import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import jwt
 import pytest
-from mailsvc.v1 import settings_pb2
 
-from tests.conftest import (
-    JWT_SECRET,
-    SUPERADMIN,
-    Server,
-    auth,
-    free_port,
-    wait_serving,
-)
+from tests.conftest import JWT_SECRET, SUPERADMIN, Server, auth, free_port
+from tests.helpers import JWT_RE, clean_env, cli, get_settings
 
-JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 OTHER_SECRET = "file-secret-abcdefghijklmnopqrstuvwxyz0123"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any MAILSVC_ variable, plus extra."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSVC_")}
-    env.update(extra)
-    return env
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mailsvc", *args],
-        capture_output=True,
-        text=True,
-        env=clean_env() if env is None else env,
-        timeout=60,
-        check=False,
-    )
 
 
 def token_from(result: subprocess.CompletedProcess[str]) -> str:
@@ -63,50 +35,19 @@ def claims_of(token: str, secret: str = JWT_SECRET) -> dict[str, Any]:
     return jwt.decode(token, secret, algorithms=["HS256"])
 
 
-def get_settings(server: Server, metadata: list[tuple[str, str]]) -> Any:
-    return server.settings.GetMailSettings(
-        settings_pb2.GetMailSettingsRequest(), metadata=metadata, timeout=10
-    )
-
-
 def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Start `python -m mailsvc serve` on data_dir with exactly the given env."""
-    started: list[Server] = []
+def spawn(server_factory: Callable[..., Server]) -> Callable[..., Server]:
+    """Start a server on data_dir whose JWT secret comes from its own configuration only
+    (data dir, flag or `env`), not from the MAILSVC_JWT_SECRET the other tests use."""
 
     def start(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> Server:
-        address = f"127.0.0.1:{free_port()}"
-        log_path = tmp_path / f"spawned-{len(started)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "mailsvc",
-                    "serve",
-                    "--listen",
-                    address,
-                    "--data-dir",
-                    str(data_dir),
-                    *args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=clean_env() if env is None else env,
-            )
-        server = Server(address, data_dir, proc, log_path)
-        started.append(server)
-        wait_serving(server)
-        return server
+        return server_factory(*args, data_dir=data_dir, env=env, jwt_secret=None)
 
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.stop(signal.SIGKILL)
+    return start
 
 
 def test_console_script_is_installed() -> None:

@@ -4,27 +4,25 @@ them (`python -m mailsvc ...` subprocesses) against a real server and a real SMT
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from tests.conftest import (
     JWT_SECRET,
     SMTP_PASSWORD,
+    Pki,
     Server,
     SmtpSink,
     free_port,
     make_token,
+    wait_until,
 )
-
-ServerFactory = Callable[..., Server]
+from tests.helpers import ServerFactory, clean_env
+from tests.helpers import cli as run_cli
 
 ROOT_TOKEN = make_token(["superadmin"], sub="root")
 ADMIN_TOKEN = make_token(["admin"], sub="ops")
@@ -33,25 +31,10 @@ BAD_TOKEN = make_token(["superadmin"], sub="root", secret="not-the-server-secret
 SECRETS = (SMTP_PASSWORD, JWT_SECRET, ROOT_TOKEN, ADMIN_TOKEN, USER_TOKEN, BAD_TOKEN)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without any MAILSVC_ variable, plus extra."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILSVC_")}
-    env.update(extra)
-    return env
-
-
 def cli(
     *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "mailsvc", *args],
-        capture_output=True,
-        text=True,
-        input=stdin,
-        env=clean_env() if env is None else env,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli(*args, env=env, stdin=stdin)
     for secret in SECRETS:  # whatever happens, no token or password is ever printed
         assert secret not in result.stdout + result.stderr
     return result
@@ -310,7 +293,7 @@ def test_render_types_parameters_and_sends_nothing(
     assert rendered["text"] == "Welcome, Alice."
     assert rendered["to"] == ["alice@example.com", "extra@example.com"]
     assert rendered["fromAddress"] == "ops@example.com"
-    time.sleep(0.2)
+    # No wait: the command has ended, and with it the call that would have sent.
     assert smtp_sink.received == []
 
 
@@ -413,48 +396,28 @@ def server_has_tls() -> None:
         pytest.skip("`mailsvc serve` has no --tls-cert yet")
 
 
-@pytest.fixture
-def pki(tls_ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
-    """PEM files: the CA, a server certificate for 127.0.0.1 and mail.internal, a client one."""
-    server_cert = tls_ca.issue_cert("127.0.0.1", "mail.internal")
-    client_cert = tls_ca.issue_cert("operator.example.com")
-    files = {
-        "ca": tmp_path / "ca.pem",
-        "cert": tmp_path / "server.pem",
-        "key": tmp_path / "server.key",
-        "client_cert": tmp_path / "client.pem",
-        "client_key": tmp_path / "client.key",
-    }
-    tls_ca.cert_pem.write_to_path(str(files["ca"]))
-    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    server_cert.private_key_pem.write_to_path(str(files["key"]))
-    client_cert.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
-    client_cert.private_key_pem.write_to_path(str(files["client_key"]))
-    return {name: str(path) for name, path in files.items()}
-
-
-def start_tls_server(server_factory: ServerFactory, pki: dict[str, str], *extra: str) -> Server:
+def start_tls_server(server_factory: ServerFactory, pki: Pki, *extra: str) -> Server:
     """A TLS server, waited for with `mailsvc health` over mTLS (the plaintext probe can't)."""
-    server = server_factory("--tls-cert", pki["cert"], "--tls-key", pki["key"], *extra, wait=False)
-    probe = ["health", "--server", server.address, "--tls-ca", pki["ca"]]
-    probe += ["--tls-cert", pki["client_cert"], "--tls-key", pki["client_key"]]
-    deadline = time.monotonic() + 30
-    while True:
+    server = server_factory(*pki.server_flags(), *extra, wait=False)
+    probe = ["health", "--server", server.address, *pki.client_flags()]
+
+    def serving() -> bool:
+        if server.proc.poll() is not None:
+            raise AssertionError(f"TLS server exited:\n{server.logs()}")
         result = cli(*probe)
-        if result.returncode == 0:
-            assert result.stdout.strip() == "SERVING"
-            return server
-        if server.proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"TLS server not serving: {result.stderr}\n{server.logs()}")
-        time.sleep(0.1)
+        assert result.returncode != 0 or result.stdout.strip() == "SERVING", result.stdout
+        return result.returncode == 0
+
+    wait_until(serving, 30, "the TLS server serving")
+    return server
 
 
 @pytest.mark.usefixtures("server_has_tls")
 def test_client_commands_over_mutual_tls(
-    server_factory: ServerFactory, pki: dict[str, str], smtp_sink: SmtpSink, tmp_path: Path
+    server_factory: ServerFactory, pki: Pki, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
-    server = start_tls_server(server_factory, pki, "--tls-client-ca", pki["ca"])
-    tls = ["--tls-ca", pki["ca"], "--tls-cert", pki["client_cert"], "--tls-key", pki["client_key"]]
+    server = start_tls_server(server_factory, pki, "--tls-client-ca", str(pki.ca))
+    tls = pki.client_flags()
     path = tmp_path / "settings.json"
     path.write_text(json.dumps(settings_json(smtp_sink)))
     stored = output(on(server, "settings", "put", str(path), *tls))
@@ -467,7 +430,7 @@ def test_client_commands_over_mutual_tls(
     assert len(smtp_sink.wait_for(1)) == 1
 
     # Without the client certificate, without TLS, or without trusting the CA: refused.
-    for args in (["--tls-ca", pki["ca"]], [], ["--tls"]):
+    for args in (["--tls-ca", str(pki.ca)], [], ["--tls"]):
         result = on(server, "settings", "get", "--timeout", "5", *args)
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("UNAVAILABLE: "), result.stderr
@@ -475,13 +438,15 @@ def test_client_commands_over_mutual_tls(
 
 @pytest.mark.usefixtures("server_has_tls")
 def test_tls_server_name_overrides_the_name_checked(
-    server_factory: ServerFactory, pki: dict[str, str]
+    server_factory: ServerFactory, pki: Pki
 ) -> None:
     server = start_tls_server(server_factory, pki)
     port = server.address.rpartition(":")[2]
     # "localhost" is not in the certificate: refused unless told which name to check.
     target = f"localhost:{port}"
-    plain = cli("settings", "get", "--server", target, "--token", ROOT_TOKEN, "--tls-ca", pki["ca"])
+    plain = cli(
+        "settings", "get", "--server", target, "--token", ROOT_TOKEN, "--tls-ca", str(pki.ca)
+    )
     assert plain.returncode == 1
     assert plain.stderr.startswith("UNAVAILABLE: "), plain.stderr
     named = cli(
@@ -492,7 +457,7 @@ def test_tls_server_name_overrides_the_name_checked(
         "--token",
         ROOT_TOKEN,
         "--tls-ca",
-        pki["ca"],
+        str(pki.ca),
         "--tls-server-name",
         "mail.internal",
     )

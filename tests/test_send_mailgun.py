@@ -5,15 +5,12 @@ from __future__ import annotations
 import base64
 import email.utils
 import time
-from collections.abc import Callable
-from typing import Any
 
 import grpc
 import pytest
 from mailsvc.v1 import mail_pb2, settings_pb2
 
 from tests.conftest import (
-    ADMIN,
     MAILGUN_KEY,
     MailgunRequest,
     MailgunStandIn,
@@ -23,9 +20,7 @@ from tests.conftest import (
     free_port,
     smtp_settings,
 )
-
-ServerFactory = Callable[..., Server]
-SmtpFactory = Callable[..., SmtpSink]
+from tests.helpers import ServerFactory, SmtpFactory, assert_error, send, send_fails
 
 DOMAIN = "mg.example.com"
 SENDER = "sender@example.com"
@@ -54,26 +49,6 @@ def start(
         settings.smtp.CopyFrom(smtp_settings(sink))
     server.put_settings(settings)
     return server
-
-
-def send(server: Server, **fields: Any) -> mail_pb2.SendMailResponse:
-    request = mail_pb2.SendMailRequest(**fields)
-    response: mail_pb2.SendMailResponse = server.mail.SendMail(request, metadata=ADMIN, timeout=10)
-    return response
-
-
-def send_fails(server: Server, **fields: Any) -> grpc.RpcError:
-    request = mail_pb2.SendMailRequest(**fields)
-    with pytest.raises(grpc.RpcError) as caught:
-        server.mail.SendMail(request, metadata=ADMIN, timeout=10)
-    return caught.value
-
-
-def assert_error(err: grpc.RpcError, code: grpc.StatusCode, reason: str) -> None:
-    info = details(err)
-    assert err.code() == code, err.details()
-    assert info["reason"] == reason, info
-    assert info.get("domain") == "mailsvc", info
 
 
 def addresses(request: MailgunRequest, name: str) -> list[str]:

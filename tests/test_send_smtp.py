@@ -6,18 +6,15 @@ import email
 import email.policy
 import email.utils
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from mailsvc.v1 import mail_pb2, settings_pb2
 
 from tests.conftest import (
-    ADMIN,
     SMTP_LOGIN,
     SMTP_PASSWORD,
     Server,
@@ -26,9 +23,16 @@ from tests.conftest import (
     free_port,
     smtp_settings,
 )
-
-ServerFactory = Callable[..., Server]
-SmtpFactory = Callable[..., SmtpSink]
+from tests.helpers import (
+    ServerFactory,
+    SmtpFactory,
+    addresses,
+    assert_error,
+    only_mail,
+    send,
+    send_fails,
+    text_of,
+)
 
 SENDER = "sender@example.com"
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 4 + b"\n%%EOF\n"
@@ -54,49 +58,9 @@ def start(
     return server
 
 
-def send(server: Server, **fields: Any) -> mail_pb2.SendMailResponse:
-    request = mail_pb2.SendMailRequest(**fields)
-    response: mail_pb2.SendMailResponse = server.mail.SendMail(request, metadata=ADMIN, timeout=10)
-    return response
-
-
-def send_fails(server: Server, **fields: Any) -> grpc.RpcError:
-    """Send and return the error the call must end with."""
-    request = mail_pb2.SendMailRequest(**fields)
-    with pytest.raises(grpc.RpcError) as caught:
-        server.mail.SendMail(request, metadata=ADMIN, timeout=10)
-    return caught.value
-
-
-def assert_error(err: grpc.RpcError, code: grpc.StatusCode, reason: str) -> None:
-    info = details(err)
-    assert err.code() == code, err.details()
-    assert info["reason"] == reason, info
-    assert info.get("domain") == "mailsvc", info
-
-
 def assert_nothing_received(sink: SmtpSink) -> None:
-    time.sleep(0.2)
+    # No wait: the sink keeps a mail before it answers DATA, so before the failed call returned.
     assert sink.received == []
-
-
-def only_mail(sink: SmtpSink) -> EmailMessage:
-    received = sink.wait_for(1)
-    assert len(received) == 1
-    return received[0].message
-
-
-def addresses(msg: EmailMessage, header: str) -> list[str]:
-    """The addr-specs of every `header` field of `msg`, sorted."""
-    values = [str(value) for value in msg.get_all(header, [])]
-    return sorted(addr for _, addr in email.utils.getaddresses(values))
-
-
-def text_of(part: EmailMessage) -> str:
-    """A text part's decoded content, line endings normalised, final newline dropped."""
-    content = part.get_content()
-    assert isinstance(content, str)
-    return content.replace("\r\n", "\n").rstrip("\n")
 
 
 def bytes_of(part: EmailMessage) -> bytes:
@@ -392,7 +356,7 @@ def test_inline_part_and_attachment_together(
 
 
 def test_auth_with_right_password_delivers(
-    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink]
+    server_factory: ServerFactory, smtp_factory: SmtpFactory
 ) -> None:
     sink = smtp_factory(auth=True)
     server = start(server_factory, sink, login=SMTP_LOGIN, password=SMTP_PASSWORD)
@@ -406,7 +370,7 @@ def test_auth_with_right_password_delivers(
 
 
 def test_auth_with_wrong_password_is_failed_precondition(
-    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink]
+    server_factory: ServerFactory, smtp_factory: SmtpFactory
 ) -> None:
     sink = smtp_factory(auth=True)
     server = start(server_factory, sink, login=SMTP_LOGIN, password="nope")
@@ -464,7 +428,7 @@ def test_starttls_with_untrusted_certificate_fails(
 
 
 def test_implicit_tls_delivers(
-    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink], ca_file: Path
+    server_factory: ServerFactory, smtp_factory: SmtpFactory, ca_file: Path
 ) -> None:
     sink = smtp_factory("implicit")
     server = start(server_factory, sink, env={"SSL_CERT_FILE": str(ca_file)}, ssl_on_connect=True)
@@ -476,7 +440,7 @@ def test_implicit_tls_delivers(
 
 
 def test_implicit_tls_with_untrusted_certificate_fails(
-    server_factory: ServerFactory, smtp_factory: Callable[..., SmtpSink]
+    server_factory: ServerFactory, smtp_factory: SmtpFactory
 ) -> None:
     sink = smtp_factory("implicit")
     server = start(server_factory, sink, ssl_on_connect=True)

@@ -24,9 +24,8 @@ from tests.conftest import (
     details,
     make_token,
 )
-
-Metadata = list[tuple[str, str]]
-ServerFactory = Callable[..., Server]
+from tests.helpers import Metadata, ServerFactory, expect_error
+from tests.helpers import get_settings as get
 
 AUDITOR = auth(make_token(["auditor"], sub="auditor"))
 OPS = auth(make_token(["ops"], sub="ops-team"))
@@ -38,13 +37,6 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 def settings_path(server: Server) -> Path:
     return server.data_dir / "settings.json"
-
-
-def get(server: Server, metadata: Metadata = SUPERADMIN) -> settings_pb2.MailSettings:
-    reply: settings_pb2.MailSettings = server.settings.GetMailSettings(
-        settings_pb2.GetMailSettingsRequest(), metadata=metadata, timeout=10
-    )
-    return reply
 
 
 def update(
@@ -86,17 +78,6 @@ def put_acl(
         settings_pb2.UpdateSettingsAclRequest(acl=acl), metadata=metadata, timeout=10
     )
     return reply
-
-
-def expect_error(
-    code: grpc.StatusCode, call: Callable[..., object], *args: Any, **kwargs: Any
-) -> Any:
-    """Call call(*args, **kwargs), assert it fails with code, return the RpcError."""
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    err = info.value
-    assert err.code() == code, f"{err.code()}: {err.details()}"
-    return err
 
 
 def template(subject: str = "Hello {{ name }}") -> settings_pb2.MailTemplate:
