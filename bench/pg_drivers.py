@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import asyncpg
-import psycopg
 import psycopg_pool
 import uvloop
 
@@ -201,7 +200,9 @@ async def _run(
     return done / wall, cpu / max(done, 1) * 1e6
 
 
-async def bench(driver: Driver, url: str, args: argparse.Namespace) -> dict[str, tuple[float, float]]:
+async def bench(
+    driver: Driver, url: str, args: argparse.Namespace
+) -> dict[str, tuple[float, float]]:
     conn = await asyncpg.connect(url)
     await conn.execute(SCHEMA)
     await conn.close()

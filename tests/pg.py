@@ -92,7 +92,11 @@ def _binaries(scratch: Path) -> Path:
 
 
 class PgServer:
-    """One PostgreSQL cluster in a directory of its own, on a free 127.0.0.1 port."""
+    """One PostgreSQL cluster in a directory of its own, on a free 127.0.0.1 port.
+
+    As root, `base` must be reachable by `nobody` (pytest's tmp_path is not): use
+    start_session_server(), which makes one in the system's temporary directory.
+    """
 
     def __init__(self, base: Path, *, bin_dir: Path | None = None) -> None:
         self.base = base
@@ -215,9 +219,10 @@ class PgServer:
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         result = subprocess.run(
-            [str(self.bin / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
-            + ["-d", f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"]
-            + ["-c", sql],
+            [
+                *(str(self.bin / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"),
+                *("-d", f"postgresql://{USER}@127.0.0.1:{self.port}/{database}", "-c", sql),
+            ],
             capture_output=True,
             env={**os.environ, "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "10"},
             check=False,

@@ -1,0 +1,913 @@
+"""PostgresStorage: the Storage interface on PostgreSQL, shared by any number of replicas.
+
+Claims are `FOR UPDATE SKIP LOCKED` with a lease; every event row is announced with
+NOTIFY in the transaction that writes it, and each process LISTENs on one connection of its
+own to feed `events()`. A lost connection is retried once where a second try cannot do the
+work twice; otherwise the call raises StorageError and the pool reconnects on the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+
+from mailsvc.storage import pg_schema
+from mailsvc.storage.base import (
+    CANCELLABLE,
+    PENDING,
+    Claimed,
+    Event,
+    Finish,
+    IdempotencyEntry,
+    ListQuery,
+    MessageRecord,
+    NewMessage,
+    QuotaResult,
+    Status,
+    StorageError,
+    Suppression,
+)
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+log = logging.getLogger(__name__)
+Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+T = TypeVar("T")
+
+# A connection that broke, or a server that is going away or not there yet.
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+_DB_ERRORS: tuple[type[BaseException], ...] = (*_CONNECTION_ERRORS, asyncpg.PostgresError)
+_NOTIFY_LIMIT = 7900  # bytes; PostgreSQL's limit is 8000
+_SUBSCRIBER_BACKLOG = 10_000
+_RECENT_SEQS = 4096
+_PENDING_CODES = tuple(int(s) for s in PENDING)
+_MESSAGE_COLUMNS = (
+    "id, caller, status, to_addrs, cc_addrs, bcc_addrs, subject, template_name, transport, "
+    "message_id, create_time, send_time, update_time, next_attempt_time, attempts, "
+    "last_error, last_error_reason, suppressed"
+)
+_EVENT_INSERT = """
+INSERT INTO events (message_id, time, status, detail, caller)
+SELECT * FROM unnest($1::text[], $2::float8[], $3::smallint[], $4::text[], $5::text[])
+RETURNING seq, message_id, time, status, detail, caller
+"""
+_MESSAGE_INSERT = """
+INSERT INTO messages (id, caller, status, to_addrs, cc_addrs, bcc_addrs, rcpt, subject,
+    template_name, transport, message_id, header_message_id, create_time, send_time,
+    update_time, due_time, suppressed, payload, last_error, last_error_reason)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $13, $15, $16, $17,
+    $18, $19)
+"""
+_CLAIM = """
+WITH due AS (
+    SELECT id FROM messages WHERE due_time <= $1
+    ORDER BY due_time, id LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE messages m SET status = 3, attempts = m.attempts + 1, lease_owner = $3,
+    lease_until = $4, due_time = $4, update_time = $1, next_attempt_time = NULL
+FROM due WHERE m.id = due.id
+RETURNING m.id, m.caller, m.payload, m.header_message_id, m.send_time, m.attempts,
+    m.lease_until, m.due_time
+"""
+_FINISH = """
+UPDATE messages SET status = $3::smallint, update_time = $4,
+    transport = CASE WHEN $5 <> '' THEN $5 ELSE transport END,
+    message_id = CASE WHEN $6 <> '' THEN $6 ELSE message_id END,
+    last_error = $7, last_error_reason = $8,
+    next_attempt_time = $9, due_time = $9,
+    payload = CASE WHEN $3::smallint IN (4, 6) THEN NULL ELSE payload END,
+    lease_owner = '', lease_until = NULL
+WHERE id = $1 AND status = 3 AND lease_owner = $2
+RETURNING caller
+"""
+
+
+@dataclass(frozen=True)
+class _Where:
+    """host:port/database of a URL, for messages (never the user's password)."""
+
+    host: str
+    port: int
+    database: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}/{self.database}"
+
+
+def describe_url(url: str) -> _Where:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise StorageError("the database URL must start with postgresql://")
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        raise StorageError("the database URL has an invalid port") from None
+    return _Where(parts.hostname or "localhost", port, unquote(parts.path.lstrip("/")) or "")
+
+
+def _reason(exc: BaseException) -> str:
+    """Plain words for a driver or socket error, without anything from the URL."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"{type(exc).__name__} ({exc.sqlstate}): {exc.args[0] if exc.args else ''}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return type(exc).__name__
+
+
+def _event(row: asyncpg.Record | Sequence[Any]) -> Event:
+    return Event(
+        message_id=row[1], time=row[2], status=Status(row[3]), detail=row[4], caller=row[5]
+    )
+
+
+def _record(row: asyncpg.Record, events: tuple[Event, ...] = ()) -> MessageRecord:
+    return MessageRecord(
+        id=row["id"],
+        caller=row["caller"],
+        status=Status(row["status"]),
+        to=tuple(row["to_addrs"]),
+        cc=tuple(row["cc_addrs"]),
+        bcc=tuple(row["bcc_addrs"]),
+        subject=row["subject"],
+        template_name=row["template_name"],
+        transport=row["transport"],
+        message_id=row["message_id"],
+        create_time=row["create_time"],
+        send_time=row["send_time"],
+        update_time=row["update_time"],
+        next_attempt_time=row["next_attempt_time"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        last_error_reason=row["last_error_reason"],
+        suppressed=tuple(row["suppressed"]),
+        events=events,
+    )
+
+
+def _payloads(rows: Sequence[asyncpg.Record]) -> list[str]:
+    """NOTIFY payloads for these event rows: JSON lists of events, each under the limit;
+    an event too large alone is sent as its seq only, and listeners read it back."""
+    out: list[str] = []
+    chunk: list[str] = []
+    size = 2
+    for row in rows:
+        item = json.dumps([row[0], row[1], row[2], row[3], row[4], row[5]])
+        if len(item.encode()) > _NOTIFY_LIMIT - 2:
+            item = json.dumps([row[0]])
+        if size + len(item.encode()) + 1 > _NOTIFY_LIMIT and chunk:
+            out.append("[" + ",".join(chunk) + "]")
+            chunk, size = [], 2
+        chunk.append(item)
+        size += len(item.encode()) + 1
+    if chunk:
+        out.append("[" + ",".join(chunk) + "]")
+    return out
+
+
+async def _write_events(
+    conn: Conn, events: Sequence[tuple[str, float, int, str, str]]
+) -> list[Event]:
+    """Insert event rows and announce them, inside the caller's transaction."""
+    if not events:
+        return []
+    rows = await conn.fetch(
+        _EVENT_INSERT,
+        [e[0] for e in events],
+        [e[1] for e in events],
+        [e[2] for e in events],
+        [e[3] for e in events],
+        [e[4] for e in events],
+    )
+    await conn.execute(
+        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
+        pg_schema.EVENTS_CHANNEL,
+        _payloads(rows),
+    )
+    return [_event(r) for r in rows]
+
+
+class _Subscription:
+    """One events() iterator: a bounded backlog, ended by aclose() or by an error."""
+
+    def __init__(self, owner: PostgresStorage) -> None:
+        self._owner = owner
+        self._items: deque[Event] = deque()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._wake = asyncio.Event()
+
+    def push(self, event: Event) -> None:
+        if len(self._items) >= _SUBSCRIBER_BACKLOG:
+            self.fail(StorageError("the event watcher fell too far behind"))
+            return
+        self._items.append(event)
+        self._wake.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._owner._subscribers.discard(self)
+        self._wake.set()
+
+    def __aiter__(self) -> _Subscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            self._wake.clear()
+            await self._wake.wait()
+        return self._items.popleft()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._owner._subscribers.discard(self)
+        self._wake.set()
+
+
+class PostgresStorage:
+    """The Storage Protocol on PostgreSQL (asyncpg); see base.Storage for each method."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 30.0,
+        listen_retry: float = 1.0,
+    ) -> None:
+        self._url = url
+        self._where = describe_url(url)
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._listen_retry = listen_retry
+        self._pool: asyncpg.Pool | None = None
+        self._subscribers: set[_Subscription] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self._recent: deque[int] = deque(maxlen=_RECENT_SEQS)
+        self._recent_set: set[int] = set()
+        self._last_seq = 0
+
+    # --- lifecycle
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+            )
+        except _DB_ERRORS as exc:
+            raise StorageError(
+                f"cannot connect to PostgreSQL at {self._where}: {_reason(exc)}"
+            ) from None
+        try:
+            async with self._pool.acquire() as conn:
+                await pg_schema.migrate(conn)
+                self._last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+        except pg_schema.SchemaTooNew as exc:
+            await self._pool.close()
+            raise StorageError(f"PostgreSQL at {self._where}: {exc}") from None
+        except _DB_ERRORS as exc:
+            await self._pool.close()
+            raise StorageError(
+                f"cannot prepare the schema in PostgreSQL at {self._where}: {_reason(exc)}"
+            ) from None
+        self._listener = asyncio.create_task(self._listen(), name="pg-events-listener")
+        # events() promises everything written after it is called: be listening first.
+        listening = asyncio.ensure_future(self._listening.wait())
+        await asyncio.wait(
+            [listening, self._listener],
+            timeout=self._connect_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        listening.cancel()
+        if not self._listening.is_set():
+            await self.aclose()
+            raise StorageError(f"cannot LISTEN on PostgreSQL at {self._where}")
+
+    async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        for sub in list(self._subscribers):
+            await sub.aclose()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    # --- plumbing
+    async def _run(
+        self,
+        work: Callable[[Conn, bool], Awaitable[T]],
+        *,
+        retry: bool,
+    ) -> T:
+        """`work(conn, retried)` on a pooled connection; once more after a lost connection
+        when `retry` (work that a second run cannot do twice)."""
+        if self._pool is None:
+            raise StorageError("the PostgreSQL store is not open")
+        for attempt in range(2):
+            try:
+                async with self._pool.acquire(timeout=self._connect_timeout) as conn:
+                    return await work(conn, attempt > 0)
+            except _CONNECTION_ERRORS as exc:
+                # Idle connections may have died with this one (a server restart).
+                await self._pool.expire_connections()
+                if retry and attempt == 0:
+                    log.info("PostgreSQL connection lost (%s); retrying once", _reason(exc))
+                    continue
+                raise StorageError(
+                    f"PostgreSQL at {self._where} is unavailable: {_reason(exc)}"
+                ) from None
+            except asyncpg.PostgresError as exc:
+                raise StorageError(f"PostgreSQL at {self._where}: {_reason(exc)}") from None
+        raise AssertionError("unreachable")
+
+    # --- message records and the queue
+    async def insert(
+        self,
+        messages: Sequence[NewMessage],
+        *,
+        idempotency: tuple[str, str, str, bytes] | None = None,
+    ) -> None:
+        if not messages:
+            return
+        rows = [
+            (
+                m.id,
+                m.caller,
+                int(m.status),
+                list(m.to),
+                list(m.cc),
+                list(m.bcc),
+                sorted({a.lower() for a in (*m.to, *m.cc, *m.bcc)}),
+                m.subject,
+                m.template_name,
+                m.transport,
+                m.message_id,
+                m.header_message_id,
+                m.create_time,
+                m.send_time,
+                m.send_time if m.status in PENDING else None,
+                list(m.suppressed),
+                m.payload if m.status in PENDING else None,
+                getattr(m, "last_error", ""),
+                getattr(m, "last_error_reason", ""),
+            )
+            for m in messages
+        ]
+        events = [(m.id, m.create_time, int(m.status), m.detail, m.caller) for m in messages]
+
+        async def work(conn: Conn, retried: bool) -> None:
+            # Ids are unique: after a lost reply, finding the first one means it committed.
+            if retried and await conn.fetchval(
+                "SELECT 1 FROM messages WHERE id = $1", messages[0].id
+            ):
+                return
+            async with conn.transaction():
+                await conn.executemany(_MESSAGE_INSERT, rows)
+                if idempotency is not None:
+                    caller, key, fingerprint, response = idempotency
+                    await conn.execute(
+                        "INSERT INTO idempotency (caller, key, fingerprint, response,"
+                        " expire_time) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (caller, key)"
+                        " DO UPDATE SET fingerprint = $3, response = $4",
+                        caller,
+                        key,
+                        fingerprint,
+                        response,
+                        messages[0].create_time + 86400,
+                    )
+                await _write_events(conn, events)
+
+        await self._run(work, retry=True)
+
+    async def claim(self, *, now: float, limit: int, lease: float, owner: str) -> list[Claimed]:
+        async def work(conn: Conn, retried: bool) -> list[Claimed]:
+            async with conn.transaction():
+                rows = await conn.fetch(_CLAIM, now, limit, owner, now + lease)
+                rows = sorted(rows, key=lambda r: (r["due_time"], r["id"]))
+                await _write_events(
+                    conn,
+                    [
+                        (r["id"], now, int(Status.SENDING), f"attempt {r['attempts']}", r["caller"])
+                        for r in rows
+                    ],
+                )
+            return [
+                Claimed(
+                    id=r["id"],
+                    caller=r["caller"],
+                    payload=r["payload"] or b"",
+                    header_message_id=r["header_message_id"],
+                    send_time=r["send_time"],
+                    attempts=r["attempts"],
+                    lease_until=r["lease_until"],
+                )
+                for r in rows
+            ]
+
+        claimed = await self._run(work, retry=False)
+        return claimed
+
+    async def finish(self, id: str, outcome: Finish, *, owner: str, now: float) -> Event | None:
+        next_time = outcome.next_attempt_time if outcome.status == Status.QUEUED else None
+
+        async def work(conn: Conn, retried: bool) -> Event | None:
+            async with conn.transaction():
+                caller = await conn.fetchval(
+                    _FINISH,
+                    id,
+                    owner,
+                    int(outcome.status),
+                    now,
+                    outcome.transport,
+                    outcome.message_id,
+                    outcome.error,
+                    outcome.reason,
+                    next_time,
+                )
+                if caller is None:
+                    return None
+                written = await _write_events(
+                    conn, [(id, now, int(outcome.status), outcome.detail, caller)]
+                )
+            return written[0]
+
+        # A retry after a lost commit finds the claim released and writes nothing.
+        return await self._run(work, retry=True)
+
+    async def cancel(self, id: str, *, now: float) -> tuple[MessageRecord | None, Event | None]:
+        async def work(conn: Conn, retried: bool) -> tuple[MessageRecord | None, Event | None]:
+            async with conn.transaction():
+                caller = await conn.fetchval(
+                    "UPDATE messages SET status = $2, update_time = $3, payload = NULL,"
+                    " due_time = NULL, next_attempt_time = NULL"
+                    " WHERE id = $1 AND status = ANY($4::smallint[]) RETURNING caller",
+                    id,
+                    int(Status.CANCELLED),
+                    now,
+                    [int(s) for s in CANCELLABLE],
+                )
+                event = None
+                if caller is not None:
+                    written = await _write_events(
+                        conn, [(id, now, int(Status.CANCELLED), "cancelled", caller)]
+                    )
+                    event = written[0]
+            return await self._get(conn, id), event
+
+        return await self._run(work, retry=True)
+
+    async def add_event(
+        self, header_message_id: str, status: Status | None, detail: str, *, now: float
+    ) -> Event | None:
+        wanted = header_message_id.strip().strip("<>")
+        if not wanted:
+            return None
+
+        async def work(conn: Conn, retried: bool) -> Event | None:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT id, caller, status FROM messages"
+                    " WHERE (btrim(message_id, '<>') = $1 AND message_id <> '')"
+                    " OR (btrim(header_message_id, '<>') = $1 AND header_message_id <> '')"
+                    " ORDER BY create_time DESC, id DESC LIMIT 1 FOR UPDATE",
+                    wanted,
+                )
+                if row is None:
+                    return None
+                new_status = int(status) if status is not None else row["status"]
+                await conn.execute(
+                    "UPDATE messages SET status = $2, update_time = $3 WHERE id = $1",
+                    row["id"],
+                    new_status,
+                    now,
+                )
+                written = await _write_events(
+                    conn, [(row["id"], now, new_status, detail, row["caller"])]
+                )
+            return written[0]
+
+        return await self._run(work, retry=False)
+
+    async def _get(self, conn: Conn, id: str) -> MessageRecord | None:
+        row = await conn.fetchrow(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1", id)
+        if row is None:
+            return None
+        events = await conn.fetch(
+            "SELECT seq, message_id, time, status, detail, caller FROM events"
+            " WHERE message_id = $1 ORDER BY seq",
+            id,
+        )
+        return _record(row, tuple(_event(e) for e in events))
+
+    async def get(self, id: str) -> MessageRecord | None:
+        async def work(conn: Conn, retried: bool) -> MessageRecord | None:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await self._get(conn, id)
+
+        return await self._run(work, retry=True)
+
+    async def list_messages(self, query: ListQuery) -> list[MessageRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.after is not None:
+            where.append(f"(create_time, id) < ({arg(query.after[0])}, {arg(query.after[1])})")
+        if query.status is not None:
+            where.append(f"status = {arg(int(query.status))}")
+        if query.recipient:
+            where.append(f"rcpt @> ARRAY[{arg(query.recipient.lower())}::text]")
+        if query.caller:
+            where.append(f"caller = {arg(query.caller)}")
+        sql = (
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" ORDER BY create_time DESC, id DESC LIMIT {arg(max(query.page_size, 0))}"
+        )
+
+        async def work(conn: Conn, retried: bool) -> list[MessageRecord]:
+            return [_record(r) for r in await conn.fetch(sql, *args)]
+
+        return await self._run(work, retry=True)
+
+    async def next_due(self) -> float | None:
+        async def work(conn: Conn, retried: bool) -> float | None:
+            value: float | None = await conn.fetchval(
+                "SELECT min(due_time) FROM messages WHERE due_time IS NOT NULL"
+            )
+            return value
+
+        return await self._run(work, retry=True)
+
+    async def queue_stats(self, *, now: float) -> dict[Status, int]:
+        async def work(conn: Conn, retried: bool) -> dict[Status, int]:
+            rows = await conn.fetch("SELECT status, count(*) FROM messages GROUP BY status")
+            return {Status(r[0]): int(r[1]) for r in rows}
+
+        return await self._run(work, retry=True)
+
+    async def oldest_due(self, *, now: float) -> float | None:
+        async def work(conn: Conn, retried: bool) -> float | None:
+            value: float | None = await conn.fetchval(
+                "SELECT min(due_time) FROM messages WHERE due_time <= $1", now
+            )
+            return value
+
+        return await self._run(work, retry=True)
+
+    async def purge(self, *, before: float, now: float | None = None) -> int:
+        at = time.time() if now is None else now
+
+        async def work(conn: Conn, retried: bool) -> int:
+            async with conn.transaction():
+                deleted = await conn.fetchval(
+                    "WITH d AS (DELETE FROM messages WHERE update_time < $1"
+                    " AND NOT (status = ANY($2::smallint[])) RETURNING 1)"
+                    " SELECT count(*) FROM d",
+                    before,
+                    list(_PENDING_CODES),
+                )
+                await conn.execute("DELETE FROM idempotency WHERE expire_time <= $1", at)
+                await conn.execute("DELETE FROM webhook_tokens WHERE expire_time <= $1", at)
+                await conn.execute("DELETE FROM quota_minute WHERE time <= $1", at - 60)
+                await conn.execute("DELETE FROM quota_day WHERE day < $1", int(at // 86400))
+            return int(deleted)
+
+        return await self._run(work, retry=True)
+
+    # --- idempotency
+    async def idempotency_reserve(
+        self, caller: str, key: str, fingerprint: str, *, now: float, ttl: float
+    ) -> IdempotencyEntry | None:
+        async def work(conn: Conn, retried: bool) -> IdempotencyEntry | None:
+            # One statement: a new key, or an expired one taken over, is reserved by us.
+            reserved = await conn.fetchval(
+                "INSERT INTO idempotency (caller, key, fingerprint, response, expire_time)"
+                " VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (caller, key) DO UPDATE"
+                " SET fingerprint = $3, response = NULL, expire_time = $4"
+                " WHERE idempotency.expire_time <= $5 RETURNING 1",
+                caller,
+                key,
+                fingerprint,
+                now + ttl,
+                now,
+            )
+            if reserved:
+                return None
+            row = await conn.fetchrow(
+                "SELECT fingerprint, response FROM idempotency WHERE caller = $1 AND key = $2",
+                caller,
+                key,
+            )
+            if row is None:  # released in between: the caller may try again
+                return IdempotencyEntry(fingerprint=fingerprint, response=None)
+            return IdempotencyEntry(fingerprint=row["fingerprint"], response=row["response"])
+
+        return await self._run(work, retry=False)
+
+    async def idempotency_complete(self, caller: str, key: str, response: bytes) -> None:
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute(
+                "UPDATE idempotency SET response = $3 WHERE caller = $1 AND key = $2",
+                caller,
+                key,
+                response,
+            )
+
+        await self._run(work, retry=True)
+
+    async def idempotency_release(self, caller: str, key: str) -> None:
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute(
+                "DELETE FROM idempotency WHERE caller = $1 AND key = $2 AND response IS NULL",
+                caller,
+                key,
+            )
+
+        await self._run(work, retry=True)
+
+    # --- suppressions
+    async def suppressed(self, addresses: Sequence[str]) -> set[str]:
+        if not addresses:
+            return set()
+
+        async def work(conn: Conn, retried: bool) -> set[str]:
+            rows = await conn.fetch(
+                "SELECT address FROM suppressions WHERE address = ANY($1::text[])",
+                list(addresses),
+            )
+            return {r[0] for r in rows}
+
+        return await self._run(work, retry=True)
+
+    async def add_suppression(self, entry: Suppression) -> Suppression:
+        async def work(conn: Conn, retried: bool) -> Suppression:
+            row = await conn.fetchrow(
+                "INSERT INTO suppressions (address, reason, create_time, detail)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (address) DO UPDATE"
+                " SET reason = $2, detail = $4 RETURNING address, reason, create_time, detail",
+                entry.address.lower(),
+                entry.reason,
+                entry.create_time,
+                entry.detail,
+            )
+            assert row is not None
+            return Suppression(address=row[0], reason=row[1], create_time=row[2], detail=row[3])
+
+        return await self._run(work, retry=True)
+
+    async def delete_suppression(self, address: str) -> bool:
+        async def work(conn: Conn, retried: bool) -> bool:
+            status = await conn.execute(
+                "DELETE FROM suppressions WHERE address = $1", address.lower()
+            )
+            return bool(status != "DELETE 0")
+
+        return await self._run(work, retry=False)
+
+    async def list_suppressions(self, *, page_size: int, after: str = "") -> list[Suppression]:
+        async def work(conn: Conn, retried: bool) -> list[Suppression]:
+            rows = await conn.fetch(
+                "SELECT address, reason, create_time, detail FROM suppressions"
+                " WHERE address > $1 ORDER BY address LIMIT $2",
+                after,
+                max(page_size, 0),
+            )
+            return [
+                Suppression(address=r[0], reason=r[1], create_time=r[2], detail=r[3]) for r in rows
+            ]
+
+        return await self._run(work, retry=True)
+
+    # --- rate limits
+    async def consume_quota(
+        self, caller: str, count: int, *, now: float, per_minute: int, per_day: int
+    ) -> QuotaResult:
+        day = int(now // 86400)
+
+        async def work(conn: Conn, retried: bool) -> QuotaResult:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                    pg_schema.QUOTA_LOCK_CLASS,
+                    caller,
+                )
+                await conn.execute(
+                    "DELETE FROM quota_minute WHERE caller = $1 AND time <= $2",
+                    caller,
+                    now - 60,
+                )
+                window = await conn.fetch(
+                    "SELECT time, count FROM quota_minute WHERE caller = $1 ORDER BY time",
+                    caller,
+                )
+                minute = sum(int(r[1]) for r in window)
+                day_count = int(
+                    await conn.fetchval(
+                        "SELECT count FROM quota_day WHERE caller = $1 AND day = $2",
+                        caller,
+                        day,
+                    )
+                    or 0
+                )
+                minute_ok = per_minute <= 0 or minute + count <= per_minute
+                day_ok = per_day <= 0 or day_count + count <= per_day
+                if not (minute_ok and day_ok):
+                    return QuotaResult(
+                        allowed=False,
+                        minute_count=minute,
+                        day_count=day_count,
+                        retry_after=_retry_after(
+                            window, count, now, per_minute, per_day, minute_ok, day_ok
+                        ),
+                    )
+                await conn.execute(
+                    "INSERT INTO quota_minute (caller, time, count) VALUES ($1, $2, $3)",
+                    caller,
+                    now,
+                    count,
+                )
+                await conn.execute(
+                    "INSERT INTO quota_day (caller, day, count) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (caller, day) DO UPDATE SET count = quota_day.count + $3",
+                    caller,
+                    day,
+                    count,
+                )
+            return QuotaResult(
+                allowed=True, minute_count=minute + count, day_count=day_count + count
+            )
+
+        return await self._run(work, retry=False)
+
+    # --- webhook tokens
+    async def remember_token(self, token: str, *, now: float, ttl: float) -> bool:
+        async def work(conn: Conn, retried: bool) -> bool:
+            new = await conn.fetchval(
+                "INSERT INTO webhook_tokens (token, expire_time) VALUES ($1, $2)"
+                " ON CONFLICT (token) DO UPDATE SET expire_time = $2"
+                " WHERE webhook_tokens.expire_time <= $3 RETURNING 1",
+                token,
+                now + ttl,
+                now,
+            )
+            return new is not None
+
+        return await self._run(work, retry=False)
+
+    # --- change feed
+    def events(self) -> AsyncIterator[Event]:
+        sub = _Subscription(self)
+        self._subscribers.add(sub)
+        return sub
+
+    def _publish(self, event: Event, seq: int) -> None:
+        if seq in self._recent_set:
+            return
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_set.discard(self._recent[0])
+        self._recent.append(seq)
+        self._recent_set.add(seq)
+        self._last_seq = max(self._last_seq, seq)
+        for sub in list(self._subscribers):
+            sub.push(event)
+
+    async def _listen(self) -> None:
+        """Keep one LISTENing connection; after a break, catch up from the events table."""
+        first = True
+        while True:
+            conn: asyncpg.Connection[Any] | None = None
+            try:
+                conn = await asyncpg.connect(self._url, timeout=self._connect_timeout)
+                lost, inbox = await self._subscribe(conn)
+                if not first:
+                    await self._catch_up(conn)
+                first = False
+                self._listening.set()
+                while not lost.is_set():
+                    getter = asyncio.ensure_future(inbox.get())
+                    waiter = asyncio.ensure_future(lost.wait())
+                    try:
+                        await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+                        if not getter.done():
+                            getter.cancel()
+                    if getter.done() and not getter.cancelled():
+                        await self._deliver(conn, getter.result())
+                    while not inbox.empty():
+                        await self._deliver(conn, inbox.get_nowait())
+                log.warning("PostgreSQL event listener lost its connection; reconnecting")
+            except asyncio.CancelledError:
+                raise
+            except _DB_ERRORS as exc:
+                log.warning(
+                    "PostgreSQL event listener at %s: %s; retrying", self._where, _reason(exc)
+                )
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 2)
+                    if not conn.is_closed():
+                        conn.terminate()
+            await asyncio.sleep(self._listen_retry)
+
+    @staticmethod
+    async def _subscribe(
+        conn: asyncpg.Connection[Any],
+    ) -> tuple[asyncio.Event, asyncio.Queue[str]]:
+        lost = asyncio.Event()
+        inbox: asyncio.Queue[str] = asyncio.Queue()
+        conn.add_termination_listener(lambda _c: lost.set())
+        await conn.add_listener(
+            pg_schema.EVENTS_CHANNEL, lambda _c, _p, _ch, payload: inbox.put_nowait(payload)
+        )
+        return lost, inbox
+
+    async def _deliver(self, conn: Conn, payload: str) -> None:
+        for item in json.loads(payload):
+            if len(item) == 6:
+                self._publish(_event(item), int(item[0]))
+                continue
+            row = await conn.fetchrow(
+                "SELECT seq, message_id, time, status, detail, caller FROM events WHERE seq = $1",
+                int(item[0]),
+            )
+            if row is not None:
+                self._publish(_event(row), int(row[0]))
+
+    async def _catch_up(self, conn: Conn) -> None:
+        """Events committed while no connection listened (best effort: by seq)."""
+        rows = await conn.fetch(
+            "SELECT seq, message_id, time, status, detail, caller FROM events"
+            " WHERE seq > $1 ORDER BY seq LIMIT 10000",
+            self._last_seq,
+        )
+        for row in rows:
+            self._publish(_event(row), int(row[0]))
+
+
+def _retry_after(
+    window: Sequence[asyncpg.Record],
+    count: int,
+    now: float,
+    per_minute: int,
+    per_day: int,
+    minute_ok: bool,
+    day_ok: bool,
+) -> float | None:
+    """Seconds until `count` more would fit in both windows; None if it never can."""
+    waits: list[float] = []
+    if not minute_ok:
+        if count > per_minute:
+            return None
+        remaining = sum(int(r[1]) for r in window)
+        for row in window:  # oldest first: each leaves the window 60 s after it came
+            remaining -= int(row[1])
+            if remaining + count <= per_minute:
+                waits.append(row[0] + 60 - now)
+                break
+    if not day_ok:
+        if count > per_day:
+            return None
+        waits.append((math.floor(now / 86400) + 1) * 86400 - now)
+    return max(0.0, *waits) if waits else None
