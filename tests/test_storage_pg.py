@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -382,18 +381,16 @@ def test_a_killed_claimers_lease_is_taken_over(pg_url: str, tmp_path: Path) -> N
     async def main() -> None:
         async with opened(pg_url) as store:
             await store.insert([new("a"), new("b")])
-            proc = subprocess.Popen(
-                [sys.executable, str(script), pg_url, str(NOW + 1)],
-                stdout=subprocess.PIPE,
-                text=True,
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(script), pg_url, str(NOW + 1), stdout=subprocess.PIPE
             )
             try:
                 assert proc.stdout is not None
-                line = await asyncio.to_thread(proc.stdout.readline)
-                assert sorted(line.strip().split(",")) == ["a", "b"]
+                line = await asyncio.wait_for(proc.stdout.readline(), 20)
+                assert sorted(line.decode().strip().split(",")) == ["a", "b"]
             finally:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+                proc.kill()
+                await proc.wait()
             # Within the lease nothing is free; once it ran out, the survivor takes both.
             assert await store.claim(now=NOW + 1.5, limit=10, lease=60, owner="alive") == []
             taken = await store.claim(now=NOW + 2.1, limit=10, lease=60, owner="alive")
