@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from email.utils import getaddresses
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -166,6 +167,15 @@ def _record(row: asyncpg.Record, events: tuple[Event, ...] = ()) -> MessageRecor
         suppressed=tuple(row["suppressed"]),
         events=events,
     )
+
+
+def _recipient_keys(values: Sequence[str]) -> list[str]:
+    """Lower-cased forms a recipient filter may name: the addr-spec, and the text as given."""
+    out: set[str] = set()
+    for value in values:
+        out.add(value.strip().lower())
+        out.update(addr.lower() for _, addr in getaddresses([value]) if addr)
+    return sorted(out)
 
 
 def _payloads(rows: Sequence[asyncpg.Record]) -> list[str]:
@@ -373,7 +383,7 @@ class PostgresStorage:
                 list(m.to),
                 list(m.cc),
                 list(m.bcc),
-                sorted({a.lower() for a in (*m.to, *m.cc, *m.bcc)}),
+                _recipient_keys((*m.to, *m.cc, *m.bcc)),
                 m.subject,
                 m.template_name,
                 m.transport,
@@ -555,7 +565,7 @@ class PostgresStorage:
         if query.status is not None:
             where.append(f"status = {arg(int(query.status))}")
         if query.recipient:
-            where.append(f"rcpt @> ARRAY[{arg(query.recipient.lower())}::text]")
+            where.append(f"rcpt @> ARRAY[{arg(query.recipient.strip().lower())}::text]")
         if query.caller:
             where.append(f"caller = {arg(query.caller)}")
         sql = (
@@ -673,7 +683,7 @@ class PostgresStorage:
         async def work(conn: Conn, retried: bool) -> set[str]:
             rows = await conn.fetch(
                 "SELECT address FROM suppressions WHERE address = ANY($1::text[])",
-                list(addresses),
+                sorted({a.lower() for a in addresses}),
             )
             return {r[0] for r in rows}
 
@@ -698,7 +708,8 @@ class PostgresStorage:
     async def delete_suppression(self, address: str) -> bool:
         async def work(conn: Conn, retried: bool) -> bool:
             status = await conn.execute(
-                "DELETE FROM suppressions WHERE address = $1", address.lower()
+                "DELETE FROM suppressions WHERE address = $1",
+                address.lower(),
             )
             return bool(status != "DELETE 0")
 
@@ -709,7 +720,7 @@ class PostgresStorage:
             rows = await conn.fetch(
                 "SELECT address, reason, create_time, detail FROM suppressions"
                 " WHERE address > $1 ORDER BY address LIMIT $2",
-                after,
+                after.lower(),
                 max(page_size, 0),
             )
             return [
