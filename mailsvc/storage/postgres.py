@@ -8,18 +8,12 @@ work twice; otherwise the call raises StorageError and the pool reconnects on th
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from email.utils import getaddresses
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -39,40 +33,26 @@ from mailsvc.storage.base import (
     StorageError,
     Suppression,
 )
-
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
+from mailsvc.storage.pg_feed import (
+    CONNECTION_ERRORS,
+    DB_ERRORS,
+    Conn,
+    EventFeed,
+    describe_url,
+    event_of,
+    reason,
+    write_events,
+)
 
 log = logging.getLogger(__name__)
-Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 T = TypeVar("T")
 
-# A connection that broke, or a server that is going away or not there yet.
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-)
-_DB_ERRORS: tuple[type[BaseException], ...] = (*_CONNECTION_ERRORS, asyncpg.PostgresError)
-_NOTIFY_LIMIT = 7900  # bytes; PostgreSQL's limit is 8000
-_SUBSCRIBER_BACKLOG = 10_000
-_RECENT_SEQS = 4096
 _PENDING_CODES = tuple(int(s) for s in PENDING)
 _MESSAGE_COLUMNS = (
     "id, caller, status, to_addrs, cc_addrs, bcc_addrs, subject, template_name, transport, "
     "message_id, create_time, send_time, update_time, next_attempt_time, attempts, "
     "last_error, last_error_reason, suppressed"
 )
-_EVENT_INSERT = """
-INSERT INTO events (message_id, time, status, detail, caller)
-SELECT * FROM unnest($1::text[], $2::float8[], $3::smallint[], $4::text[], $5::text[])
-RETURNING seq, message_id, time, status, detail, caller
-"""
 _MESSAGE_INSERT = """
 INSERT INTO messages (id, caller, status, to_addrs, cc_addrs, bcc_addrs, rcpt, subject,
     template_name, transport, message_id, header_message_id, create_time, send_time,
@@ -103,46 +83,6 @@ UPDATE messages SET status = $3::smallint, update_time = $4,
 WHERE id = $1 AND status = 3 AND lease_owner = $2
 RETURNING caller
 """
-
-
-@dataclass(frozen=True)
-class _Where:
-    """host:port/database of a URL, for messages (never the user's password)."""
-
-    host: str
-    port: int
-    database: str
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}/{self.database}"
-
-
-def describe_url(url: str) -> _Where:
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise StorageError("the database URL must start with postgresql://")
-    try:
-        port = parts.port or 5432
-    except ValueError:
-        raise StorageError("the database URL has an invalid port") from None
-    return _Where(parts.hostname or "localhost", port, unquote(parts.path.lstrip("/")) or "")
-
-
-def _reason(exc: BaseException) -> str:
-    """Plain words for a driver or socket error, without anything from the URL."""
-    if isinstance(exc, asyncpg.PostgresError):
-        return f"{type(exc).__name__} ({exc.sqlstate}): {exc.args[0] if exc.args else ''}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    return type(exc).__name__
-
-
-def _event(row: asyncpg.Record | Sequence[Any]) -> Event:
-    return Event(
-        message_id=row[1], time=row[2], status=Status(row[3]), detail=row[4], caller=row[5]
-    )
 
 
 def _record(row: asyncpg.Record, events: tuple[Event, ...] = ()) -> MessageRecord:
@@ -178,89 +118,6 @@ def _recipient_keys(values: Sequence[str]) -> list[str]:
     return sorted(out)
 
 
-def _payloads(rows: Sequence[asyncpg.Record]) -> list[str]:
-    """NOTIFY payloads for these event rows: JSON lists of events, each under the limit;
-    an event too large alone is sent as its seq only, and listeners read it back."""
-    out: list[str] = []
-    chunk: list[str] = []
-    size = 2
-    for row in rows:
-        item = json.dumps([row[0], row[1], row[2], row[3], row[4], row[5]])
-        if len(item.encode()) > _NOTIFY_LIMIT - 2:
-            item = json.dumps([row[0]])
-        if size + len(item.encode()) + 1 > _NOTIFY_LIMIT and chunk:
-            out.append("[" + ",".join(chunk) + "]")
-            chunk, size = [], 2
-        chunk.append(item)
-        size += len(item.encode()) + 1
-    if chunk:
-        out.append("[" + ",".join(chunk) + "]")
-    return out
-
-
-async def _write_events(
-    conn: Conn, events: Sequence[tuple[str, float, int, str, str]]
-) -> list[Event]:
-    """Insert event rows and announce them, inside the caller's transaction."""
-    if not events:
-        return []
-    rows = await conn.fetch(
-        _EVENT_INSERT,
-        [e[0] for e in events],
-        [e[1] for e in events],
-        [e[2] for e in events],
-        [e[3] for e in events],
-        [e[4] for e in events],
-    )
-    await conn.execute(
-        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-        pg_schema.EVENTS_CHANNEL,
-        _payloads(rows),
-    )
-    return [_event(r) for r in rows]
-
-
-class _Subscription:
-    """One events() iterator: a bounded backlog, ended by aclose() or by an error."""
-
-    def __init__(self, owner: PostgresStorage) -> None:
-        self._owner = owner
-        self._items: deque[Event] = deque()
-        self._error: BaseException | None = None
-        self._closed = False
-        self._wake = asyncio.Event()
-
-    def push(self, event: Event) -> None:
-        if len(self._items) >= _SUBSCRIBER_BACKLOG:
-            self.fail(StorageError("the event watcher fell too far behind"))
-            return
-        self._items.append(event)
-        self._wake.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._owner._subscribers.discard(self)
-        self._wake.set()
-
-    def __aiter__(self) -> _Subscription:
-        return self
-
-    async def __anext__(self) -> Event:
-        while not self._items:
-            if self._closed:
-                raise StopAsyncIteration
-            if self._error is not None:
-                raise self._error
-            self._wake.clear()
-            await self._wake.wait()
-        return self._items.popleft()
-
-    async def aclose(self) -> None:
-        self._closed = True
-        self._owner._subscribers.discard(self)
-        self._wake.set()
-
-
 class PostgresStorage:
     """The Storage Protocol on PostgreSQL (asyncpg); see base.Storage for each method."""
 
@@ -278,14 +135,10 @@ class PostgresStorage:
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
-        self._listen_retry = listen_retry
         self._pool: asyncpg.Pool | None = None
-        self._subscribers: set[_Subscription] = set()
-        self._listener: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
-        self._recent: deque[int] = deque(maxlen=_RECENT_SEQS)
-        self._recent_set: set[int] = set()
-        self._last_seq = 0
+        self._feed = EventFeed(
+            url, self._where, connect_timeout=connect_timeout, listen_retry=listen_retry
+        )
 
     # --- lifecycle
     async def open(self) -> None:
@@ -297,43 +150,30 @@ class PostgresStorage:
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
             )
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             raise StorageError(
-                f"cannot connect to PostgreSQL at {self._where}: {_reason(exc)}"
+                f"cannot connect to PostgreSQL at {self._where}: {reason(exc)}"
             ) from None
         try:
             async with self._pool.acquire() as conn:
                 await pg_schema.migrate(conn)
-                self._last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+                last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
         except pg_schema.SchemaTooNew as exc:
             await self._pool.close()
             raise StorageError(f"PostgreSQL at {self._where}: {exc}") from None
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             await self._pool.close()
             raise StorageError(
-                f"cannot prepare the schema in PostgreSQL at {self._where}: {_reason(exc)}"
+                f"cannot prepare the schema in PostgreSQL at {self._where}: {reason(exc)}"
             ) from None
-        self._listener = asyncio.create_task(self._listen(), name="pg-events-listener")
-        # events() promises everything written after it is called: be listening first.
-        listening = asyncio.ensure_future(self._listening.wait())
-        await asyncio.wait(
-            [listening, self._listener],
-            timeout=self._connect_timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        listening.cancel()
-        if not self._listening.is_set():
+        try:
+            await self._feed.start(last_seq)
+        except StorageError:
             await self.aclose()
-            raise StorageError(f"cannot LISTEN on PostgreSQL at {self._where}")
+            raise
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
-        for sub in list(self._subscribers):
-            await sub.aclose()
+        await self._feed.aclose()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -353,17 +193,17 @@ class PostgresStorage:
             try:
                 async with self._pool.acquire(timeout=self._connect_timeout) as conn:
                     return await work(conn, attempt > 0)
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 # Idle connections may have died with this one (a server restart).
                 await self._pool.expire_connections()
                 if retry and attempt == 0:
-                    log.info("PostgreSQL connection lost (%s); retrying once", _reason(exc))
+                    log.info("PostgreSQL connection lost (%s); retrying once", reason(exc))
                     continue
                 raise StorageError(
-                    f"PostgreSQL at {self._where} is unavailable: {_reason(exc)}"
+                    f"PostgreSQL at {self._where} is unavailable: {reason(exc)}"
                 ) from None
             except asyncpg.PostgresError as exc:
-                raise StorageError(f"PostgreSQL at {self._where}: {_reason(exc)}") from None
+                raise StorageError(f"PostgreSQL at {self._where}: {reason(exc)}") from None
         raise AssertionError("unreachable")
 
     # --- message records and the queue
@@ -421,7 +261,7 @@ class PostgresStorage:
                         response,
                         messages[0].create_time + 86400,
                     )
-                await _write_events(conn, events)
+                await write_events(conn, events)
 
         await self._run(work, retry=True)
 
@@ -430,7 +270,7 @@ class PostgresStorage:
             async with conn.transaction():
                 rows = await conn.fetch(_CLAIM, now, limit, owner, now + lease)
                 rows = sorted(rows, key=lambda r: (r["due_time"], r["id"]))
-                await _write_events(
+                await write_events(
                     conn,
                     [
                         (r["id"], now, int(Status.SENDING), f"attempt {r['attempts']}", r["caller"])
@@ -472,7 +312,7 @@ class PostgresStorage:
                 )
                 if caller is None:
                     return None
-                written = await _write_events(
+                written = await write_events(
                     conn, [(id, now, int(outcome.status), outcome.detail, caller)]
                 )
             return written[0]
@@ -494,7 +334,7 @@ class PostgresStorage:
                 )
                 event = None
                 if caller is not None:
-                    written = await _write_events(
+                    written = await write_events(
                         conn, [(id, now, int(Status.CANCELLED), "cancelled", caller)]
                     )
                     event = written[0]
@@ -527,7 +367,7 @@ class PostgresStorage:
                     new_status,
                     now,
                 )
-                written = await _write_events(
+                written = await write_events(
                     conn, [(row["id"], now, new_status, detail, row["caller"])]
                 )
             return written[0]
@@ -543,7 +383,7 @@ class PostgresStorage:
             " WHERE message_id = $1 ORDER BY seq",
             id,
         )
-        return _record(row, tuple(_event(e) for e in events))
+        return _record(row, tuple(event_of(e) for e in events))
 
     async def get(self, id: str) -> MessageRecord | None:
         async def work(conn: Conn, retried: bool) -> MessageRecord | None:
@@ -807,94 +647,7 @@ class PostgresStorage:
 
     # --- change feed
     def events(self) -> AsyncIterator[Event]:
-        sub = _Subscription(self)
-        self._subscribers.add(sub)
-        return sub
-
-    def _publish(self, event: Event, seq: int) -> None:
-        if seq in self._recent_set:
-            return
-        if len(self._recent) == self._recent.maxlen:
-            self._recent_set.discard(self._recent[0])
-        self._recent.append(seq)
-        self._recent_set.add(seq)
-        self._last_seq = max(self._last_seq, seq)
-        for sub in list(self._subscribers):
-            sub.push(event)
-
-    async def _listen(self) -> None:
-        """Keep one LISTENing connection; after a break, catch up from the events table."""
-        first = True
-        while True:
-            conn: asyncpg.Connection[Any] | None = None
-            try:
-                conn = await asyncpg.connect(self._url, timeout=self._connect_timeout)
-                lost, inbox = await self._subscribe(conn)
-                if not first:
-                    await self._catch_up(conn)
-                first = False
-                self._listening.set()
-                while not lost.is_set():
-                    getter = asyncio.ensure_future(inbox.get())
-                    waiter = asyncio.ensure_future(lost.wait())
-                    try:
-                        await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        waiter.cancel()
-                        if not getter.done():
-                            getter.cancel()
-                    if getter.done() and not getter.cancelled():
-                        await self._deliver(conn, getter.result())
-                    while not inbox.empty():
-                        await self._deliver(conn, inbox.get_nowait())
-                log.warning("PostgreSQL event listener lost its connection; reconnecting")
-            except asyncio.CancelledError:
-                raise
-            except _DB_ERRORS as exc:
-                log.warning(
-                    "PostgreSQL event listener at %s: %s; retrying", self._where, _reason(exc)
-                )
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
-                    if not conn.is_closed():
-                        conn.terminate()
-            await asyncio.sleep(self._listen_retry)
-
-    @staticmethod
-    async def _subscribe(
-        conn: asyncpg.Connection[Any],
-    ) -> tuple[asyncio.Event, asyncio.Queue[str]]:
-        lost = asyncio.Event()
-        inbox: asyncio.Queue[str] = asyncio.Queue()
-        conn.add_termination_listener(lambda _c: lost.set())
-        await conn.add_listener(
-            pg_schema.EVENTS_CHANNEL, lambda _c, _p, _ch, payload: inbox.put_nowait(payload)
-        )
-        return lost, inbox
-
-    async def _deliver(self, conn: Conn, payload: str) -> None:
-        for item in json.loads(payload):
-            if len(item) == 6:
-                self._publish(_event(item), int(item[0]))
-                continue
-            row = await conn.fetchrow(
-                "SELECT seq, message_id, time, status, detail, caller FROM events WHERE seq = $1",
-                int(item[0]),
-            )
-            if row is not None:
-                self._publish(_event(row), int(row[0]))
-
-    async def _catch_up(self, conn: Conn) -> None:
-        """Events committed while no connection listened (best effort: by seq)."""
-        rows = await conn.fetch(
-            "SELECT seq, message_id, time, status, detail, caller FROM events"
-            " WHERE seq > $1 ORDER BY seq LIMIT 10000",
-            self._last_seq,
-        )
-        for row in rows:
-            self._publish(_event(row), int(row[0]))
+        return self._feed.subscribe()
 
 
 def _retry_after(
