@@ -587,11 +587,12 @@ class PostgresStorage:
                     caller,
                     now - 60,
                 )
-                window = await conn.fetch(
+                rows = await conn.fetch(
                     "SELECT time, count FROM quota_minute WHERE caller = $1 ORDER BY time",
                     caller,
                 )
-                minute = sum(int(r[1]) for r in window)
+                window = [(float(r[0]), int(r[1])) for r in rows]
+                minute = sum(n for _, n in window)
                 day_count = int(
                     await conn.fetchval(
                         "SELECT count FROM quota_day WHERE caller = $1 AND day = $2",
@@ -651,7 +652,7 @@ class PostgresStorage:
 
 
 def _retry_after(
-    window: Sequence[asyncpg.Record],
+    window: Sequence[tuple[float, int]],
     count: int,
     now: float,
     per_minute: int,
@@ -664,11 +665,11 @@ def _retry_after(
     if not minute_ok:
         if count > per_minute:
             return None
-        remaining = sum(int(r[1]) for r in window)
-        for row in window:  # oldest first: each leaves the window 60 s after it came
-            remaining -= int(row[1])
+        remaining = sum(n for _, n in window)
+        for at, n in window:  # oldest first: each leaves the window 60 s after it came
+            remaining -= n
             if remaining + count <= per_minute:
-                waits.append(row[0] + 60 - now)
+                waits.append(at + 60 - now)
                 break
     if not day_ok:
         if count > per_day:

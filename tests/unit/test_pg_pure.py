@@ -21,7 +21,7 @@ def test_payloads_stay_under_the_limit_and_keep_every_event_in_order() -> None:
     from mailsvc.storage.pg_feed import _payloads
 
     rows = _rows(40, "x" * 900)
-    payloads = _payloads(rows)  # type: ignore[arg-type]
+    payloads = _payloads(rows)
     assert len(payloads) > 1
     assert all(len(p.encode()) <= 7900 for p in payloads)
     items = [item for p in payloads for item in json.loads(p)]
@@ -37,10 +37,10 @@ def test_an_event_too_large_alone_is_sent_as_its_seq() -> None:
 
 def test_retry_after_minute_window() -> None:
     window = [(NOW - 50, 3), (NOW - 20, 2)]  # 5 of 5 used
-    assert _retry_after(window, 1, NOW, 5, 0, False, True) == pytest.approx(10)  # type: ignore[arg-type]
+    assert _retry_after(window, 1, NOW, 5, 0, False, True) == pytest.approx(10)
     assert _retry_after(window, 3, NOW, 5, 0, False, True) == pytest.approx(10)
-    assert _retry_after(window, 4, NOW, 5, 0, False, True) == pytest.approx(40)  # type: ignore[arg-type]
-    assert _retry_after(window, 6, NOW, 5, 0, False, True) is None  # type: ignore[arg-type]
+    assert _retry_after(window, 4, NOW, 5, 0, False, True) == pytest.approx(40)
+    assert _retry_after(window, 6, NOW, 5, 0, False, True) is None
 
 
 def test_retry_after_day_is_the_next_utc_midnight() -> None:
