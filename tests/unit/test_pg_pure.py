@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from mailsvc.storage.postgres import _recipient_keys, _retry_after
 NOW = 1_800_000_000.0
 
 
-def _rows(n: int, detail: str) -> list[tuple[object, ...]]:
+def _rows(n: int, detail: str) -> list[Any]:
     return [(i, f"m{i}", NOW, 1, detail, "alice") for i in range(n)]
 
 
