@@ -356,6 +356,32 @@ def test_three_claimers_take_300_messages_exactly_once(pg_url: str) -> None:
     run(main())
 
 
+def test_quota_and_idempotency_hold_across_instances(pg_url: str) -> None:
+    async def main() -> None:
+        async with opened(pg_url, pool_size=5) as a, opened(pg_url, pool_size=5) as b:
+            results = await asyncio.gather(
+                *(
+                    store.consume_quota("c", 1, now=NOW, per_minute=10, per_day=0)
+                    for store in (a, b)
+                    for _ in range(15)
+                )
+            )
+            assert sum(r.allowed for r in results) == 10
+            final = await a.consume_quota("c", 1, now=NOW, per_minute=10, per_day=0)
+            assert not final.allowed and final.minute_count == 10
+
+            reserved = await asyncio.gather(
+                *(
+                    store.idempotency_reserve("c", "k", "fp", now=NOW, ttl=60)
+                    for store in (a, b)
+                    for _ in range(10)
+                )
+            )
+            assert sum(r is None for r in reserved) == 1
+
+    run(main())
+
+
 CLAIMER = textwrap.dedent(
     """
     import asyncio, sys
