@@ -294,6 +294,10 @@ class PostgresStorage:
         return claimed
 
     async def finish(self, id: str, outcome: Finish, *, owner: str, now: float) -> Event | None:
+        if outcome.status not in (Status.SENT, Status.FAILED, Status.QUEUED):
+            raise ValueError(f"an attempt cannot end in {outcome.status.name}")
+        if outcome.status == Status.QUEUED and outcome.next_attempt_time is None:
+            raise ValueError("a rescheduled message needs its next attempt time")
         next_time = outcome.next_attempt_time if outcome.status == Status.QUEUED else None
 
         async def work(conn: Conn, retried: bool) -> Event | None:
@@ -438,7 +442,9 @@ class PostgresStorage:
     async def oldest_due(self, *, now: float) -> float | None:
         async def work(conn: Conn, retried: bool) -> float | None:
             value: float | None = await conn.fetchval(
-                "SELECT min(due_time) FROM messages WHERE due_time <= $1", now
+                # Leases that ran out are not "waiting": that age is the queue's backlog.
+                "SELECT min(due_time) FROM messages WHERE due_time <= $1 AND status <> 3",
+                now,
             )
             return value
 
