@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from email.utils import getaddresses
 from typing import Any, TypeVar
@@ -31,6 +30,7 @@ from mailsvc.storage.base import (
     QuotaResult,
     Status,
     StorageError,
+    StorageOpenError,
     Suppression,
 )
 from mailsvc.storage.pg_feed import (
@@ -151,7 +151,7 @@ class PostgresStorage:
                 command_timeout=self._command_timeout,
             )
         except DB_ERRORS as exc:
-            raise StorageError(
+            raise StorageOpenError(
                 f"cannot connect to PostgreSQL at {self._where}: {reason(exc)}"
             ) from None
         try:
@@ -160,10 +160,10 @@ class PostgresStorage:
                 last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
         except pg_schema.SchemaTooNew as exc:
             await self._pool.close()
-            raise StorageError(f"PostgreSQL at {self._where}: {exc}") from None
+            raise StorageOpenError(f"PostgreSQL at {self._where}: {exc}") from None
         except DB_ERRORS as exc:
             await self._pool.close()
-            raise StorageError(
+            raise StorageOpenError(
                 f"cannot prepare the schema in PostgreSQL at {self._where}: {reason(exc)}"
             ) from None
         try:
@@ -234,8 +234,8 @@ class PostgresStorage:
                 m.send_time if m.status in PENDING else None,
                 list(m.suppressed),
                 m.payload if m.status in PENDING else None,
-                getattr(m, "last_error", ""),
-                getattr(m, "last_error_reason", ""),
+                m.last_error,
+                m.last_error_reason,
             )
             for m in messages
         ]
@@ -450,8 +450,8 @@ class PostgresStorage:
 
         return await self._run(work, retry=True)
 
-    async def purge(self, *, before: float, now: float | None = None) -> int:
-        at = time.time() if now is None else now
+    async def purge(self, *, before: float, now: float) -> int:
+        at = now
 
         async def work(conn: Conn, retried: bool) -> int:
             async with conn.transaction():
