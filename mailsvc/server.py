@@ -72,7 +72,7 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     secret = load_secret(environ, config.secret_file)
     store = SettingsStore(config.data_dir, TemplateEngine())
     metrics = Metrics()
-    mailer = Mailer(config, metrics)
+    mailer = Mailer(config, metrics, current_etag=lambda: store.snapshot.etag)
     idempotency = IdempotencyStore(config.data_dir / "idempotency.sqlite3")
     interceptor = RpcInterceptor(TokenVerifier(secret), metrics)
     server = grpc.aio.server(
