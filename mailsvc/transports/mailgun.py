@@ -80,7 +80,8 @@ def messages_url(base_url: str, domain: str) -> str:
         raise FailedPrecondition(
             "the configured Mailgun domain is not a host name", reason="MAILGUN_DOMAIN_INVALID"
         )
-    return f"{base_url.rstrip('/')}/v3/{quote(domain, safe='')}/messages"
+    ascii_domain = domain.encode("idna").decode("ascii")
+    return f"{base_url.rstrip('/')}/v3/{quote(ascii_domain, safe='')}/messages"
 
 
 REGION_URLS = {"US": "https://api.mailgun.net", "EU": "https://api.eu.mailgun.net"}
