@@ -14,8 +14,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from mailsvc import payload
+from mailsvc.addresses import Address
 from mailsvc.lifecycle import RetryPolicy
-from mailsvc.message import Address, Mail, new_message_id
+from mailsvc.message import Mail
+from mailsvc.mime import new_message_id
 from mailsvc.queue import Attempt, QueueWorkers
 from mailsvc.storage.base import MessageRecord, NewMessage, Status
 from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
