@@ -165,6 +165,11 @@ def check(
     v: list[FieldViolation] = []
     if settings.ByteSize() > MAX_SETTINGS_BYTES:
         v.append(FieldViolation("settings", f"larger than {MAX_SETTINGS_BYTES} bytes"))
+        v.extend(
+            FieldViolation(f"settings.templates.{name}", f"larger than {MAX_TEMPLATE_BYTES} bytes")
+            for name, template in sorted(settings.templates.items())
+            if template.ByteSize() > MAX_TEMPLATE_BYTES
+        )
         return {}, v
     if settings.HasField("smtp"):
         smtp = settings.smtp
