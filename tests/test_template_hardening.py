@@ -121,7 +121,7 @@ def test_hostile_template_is_bounded_and_named(
     else:
         assert refused is None, f"{refused.code()}: {refused.details()}"
         assert_names(render(server, "evil", **params), FIELD)
-    # Bounded in time as well: the render deadline is 2 s, compiling a field 2 s.
+    # Bounded in time as well: the render deadline is 1 s, compiling a field 2 s.
     assert time.monotonic() - started < 15
     assert server.proc.poll() is None
     assert render(server, "ok").text == "fine"
