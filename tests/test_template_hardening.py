@@ -114,6 +114,7 @@ HOSTILE = [
 def test_hostile_template_is_bounded_and_named(
     server: Server, text: str, model: dict[str, str], params: dict[str, Any], where: str
 ) -> None:
+    assert update(server, {"ok": template("fine")}) is None
     started = time.monotonic()
     refused = update(server, {"ok": template("fine"), "evil": template(text, **model)})
     if where == "save":
