@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
+from typing import Any
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
@@ -84,7 +86,7 @@ def for_storage(settings: MailSettings) -> MailSettings:
     return out
 
 
-def _is_field_path(descriptor: Descriptor, parts: list[str]) -> bool:
+def _is_field_path(descriptor: Any, parts: list[str]) -> bool:
     """Whether `parts` names a field, through singular message fields only."""
     for i, part in enumerate(parts):
         field = descriptor.fields_by_name.get(part)
@@ -198,7 +200,7 @@ def check(
             v.append(FieldViolation(path, f"larger than {MAX_TEMPLATE_BYTES} bytes"))
             continue
         result, bad = engine.checked(
-            name, template, lambda n=name, t=template, p=path: _check_template(n, t, p, engine)
+            name, template, functools.partial(_check_template, name, template, path, engine)
         )
         v.extend(bad)
         if result is not None:

@@ -17,6 +17,7 @@ import re
 import threading
 import time
 import types
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -210,12 +211,12 @@ class _Guard(NodeTransformer):
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
-        node.iter = _call(_LOOP_GUARD, [node.iter], node.lineno)
+        node.iter = _call(_LOOP_GUARD, [typing.cast(nodes.Expr, node.iter)], node.lineno)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
-        return _call(_CONCAT, list(node.nodes), node.lineno)
+        return _call(_CONCAT, node.nodes, node.lineno)
 
     def visit_Output(self, node: nodes.Output) -> nodes.Node:
         self.generic_visit(node)
