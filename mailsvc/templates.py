@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from string import Formatter
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta, nodes, pass_eval_context
+from jinja2 import (
+    StrictUndefined,
+    TemplateSyntaxError,
+    meta,
+    nodes,
+    pass_context,
+    pass_eval_context,
+)
 from jinja2 import Template as JinjaTemplate
 from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 from jinja2.nodes import EvalContext
@@ -141,16 +148,29 @@ def _check_percent(fmt: str, args: Any) -> None:
         raise _limit(f"formatting makes more than {MAX_VALUE_CHARS} characters")
 
 
-def _counted(iterable: Any) -> Iterator[Any]:
-    """Every {% for %} iterates through this (see _guard), so nested loops are bounded."""
+def _steps(context: Any, iterable: Any, static: int) -> Iterator[Any]:
+    """Every {% for %} iterates through this (see _Guard), so nested loops are bounded; each
+    step also charges the static text of the loop's body against what a render may write."""
     budget = _current()
     for item in iterable:
         budget.iterations -= 1
+        budget.written -= static
         if budget.iterations < 0:
             raise _limit("too many loop iterations")
+        if budget.written < 0:
+            raise _limit(f"writes more than {MAX_WRITTEN_CHARS} characters")
         if time.monotonic() > budget.deadline:
             raise _limit(f"takes longer than {MAX_RENDER_SECONDS:g} s")
         yield item
+
+
+# pass_context keeps Jinja from running it while folding constants.
+_counted = pass_context(_steps)
+
+
+def _listed(iterable: Iterable[Any]) -> list[Any]:
+    """A generator made a list so it can be sized; each item counts as a loop step."""
+    return list(_steps(None, iterable, 0))
 
 
 def _budgeted_range(*args: int) -> range:
@@ -163,7 +183,7 @@ def _budgeted_range(*args: int) -> range:
 
 
 @pass_eval_context
-def _concat(eval_ctx: EvalContext, *parts: Any) -> str:
+def _concat(eval_ctx: EvalContext, parts: tuple[Any, ...]) -> str:
     """`a ~ b`: sized before it is joined."""
     _tick()
     if sum(_size(p) for p in parts) > MAX_VALUE_CHARS:
@@ -171,13 +191,14 @@ def _concat(eval_ctx: EvalContext, *parts: Any) -> str:
     return markup_join(parts) if eval_ctx.autoescape else str_join(parts)
 
 
-def _charge(chars: int) -> str:
-    """Static text of an output node, charged against what one render may write."""
+@pass_context
+def _charge(context: Any, value: str, chars: int) -> str:
+    """Static text of a macro or call block, charged at each call like a loop's."""
     budget = _tick()
     budget.written -= chars
     if budget.written < 0:
         raise _limit(f"writes more than {MAX_WRITTEN_CHARS} characters")
-    return ""
+    return value
 
 
 def _finalize(value: Any) -> Any:
@@ -195,6 +216,7 @@ def _finalize(value: Any) -> Any:
 _LOOP_GUARD = "mailsvc_loop_guard"
 _CONCAT = "mailsvc_concat"
 _CHARGE = "mailsvc_charge"
+# Filters rather than globals: Jinja calls filters directly, globals through sandbox.call.
 _GUARDS: dict[str, Callable[..., Any]] = {
     _LOOP_GUARD: _counted,
     _CONCAT: _concat,
@@ -202,28 +224,52 @@ _GUARDS: dict[str, Callable[..., Any]] = {
 }
 
 
-def _call(name: str, args: list[nodes.Expr], lineno: int) -> nodes.Call:
-    return nodes.Call(nodes.Name(name, "load", lineno=lineno), args, [], None, None, lineno=lineno)
+def _filter(name: str, node: nodes.Expr, args: list[nodes.Expr], lineno: int) -> nodes.Filter:
+    return nodes.Filter(node, name, args, [], None, None, lineno=lineno)
+
+
+def _static_chars(body: list[nodes.Node]) -> int:
+    """Static text in `body`, not counting nested loops, macros and call blocks (they charge
+    their own)."""
+    total = 0
+    stack = list(body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, nodes.TemplateData):
+            total += len(node.data)
+        elif not isinstance(node, nodes.For | nodes.Macro | nodes.CallBlock):
+            stack.extend(node.iter_child_nodes())
+    return total
 
 
 class _Guard(NodeTransformer):
-    """Rewrites the tree so loops, `~` and static text are counted (and `~` never folded)."""
+    """Rewrites the tree so loops, `~` and repeated static text are counted, `~` sized."""
 
     def visit_For(self, node: nodes.For) -> nodes.Node:
         self.generic_visit(node)
-        node.iter = _call(_LOOP_GUARD, [typing.cast(nodes.Expr, node.iter)], node.lineno)
+        static = nodes.Const(_static_chars(node.body), lineno=node.lineno)
+        iterable = typing.cast(nodes.Expr, node.iter)
+        node.iter = _filter(_LOOP_GUARD, iterable, [static], node.lineno)
         return node
 
     def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
         self.generic_visit(node)
-        return _call(_CONCAT, node.nodes, node.lineno)
+        parts = nodes.Tuple(node.nodes, "load", lineno=node.lineno)
+        return _filter(_CONCAT, parts, [], node.lineno)
 
-    def visit_Output(self, node: nodes.Output) -> nodes.Node:
+    def visit_Macro(self, node: nodes.Macro) -> nodes.Node:
+        return self._charged(node)
+
+    def visit_CallBlock(self, node: nodes.CallBlock) -> nodes.Node:
+        return self._charged(node)
+
+    def _charged(self, node: nodes.Macro | nodes.CallBlock) -> nodes.Node:
         self.generic_visit(node)
-        static = sum(len(n.data) for n in node.nodes if isinstance(n, nodes.TemplateData))
+        static = _static_chars(node.body)
         if static:
-            charge = _call(_CHARGE, [nodes.Const(static, lineno=node.lineno)], node.lineno)
-            node.nodes.insert(0, nodes.MarkSafe(charge, lineno=node.lineno))
+            empty = nodes.Const("", lineno=node.lineno)
+            charge = _filter(_CHARGE, empty, [nodes.Const(static)], node.lineno)
+            node.body.insert(0, nodes.Output([charge], lineno=node.lineno))
         return node
 
 
@@ -378,7 +424,7 @@ def _bounded_filter(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _tick()
         if name in _MATERIALIZE and len(args) > skip and not hasattr(args[skip], "__len__"):
-            args = (*args[:skip], list(_counted(args[skip])), *args[skip + 1 :])
+            args = (*args[:skip], _listed(args[skip]), *args[skip + 1 :])
         if pre is not None and len(args) > skip:
             pre(args[skip:], kwargs)
         return _bounded(f(*args, **kwargs))
@@ -403,7 +449,7 @@ def _check_str_method(
         if isinstance(tabsize, int) and len(s) + tabsize * s.count("\t") > MAX_VALUE_CHARS:
             raise _limit(f"expandtabs makes more than {MAX_VALUE_CHARS} characters")
     elif name == "join" and args:
-        items = args[0] if hasattr(args[0], "__len__") else list(_counted(args[0]))
+        items = args[0] if hasattr(args[0], "__len__") else _listed(args[0])
         if _joined_size(items, s) > MAX_VALUE_CHARS:
             raise _limit(f"join makes more than {MAX_VALUE_CHARS} characters")
         return (items, *args[1:])
@@ -446,8 +492,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         super().__init__(undefined=StrictUndefined, autoescape=autoescape, finalize=_finalize)
         self.globals.clear()
         self.globals["range"] = _budgeted_range
-        self.globals.update(_GUARDS)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.filters.update(_GUARDS)
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
         _tick()
