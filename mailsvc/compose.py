@@ -88,7 +88,7 @@ def template_for(snapshot: Snapshot, name: str, principal: Principal) -> Compile
     return template
 
 
-def compose_templated(
+async def compose_templated(
     snapshot: Snapshot,
     config: Config,
     template: CompiledTemplate,
@@ -99,7 +99,7 @@ def compose_templated(
     bcc: Sequence[str] = (),
 ) -> Mail:
     """Render the template and validate the result like a SendMail request."""
-    rendered = template.render(parameters)
+    rendered = await template.render_async(parameters)
     sender: Address | str = rendered.from_address or sender_of(snapshot.settings, config)
     return check_mail(
         MailRequest(

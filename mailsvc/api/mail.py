@@ -111,11 +111,11 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         )
         return await self._deliver("SendMail", request, mail, snapshot, context)
 
-    def _templated(
+    async def _templated(
         self, snapshot: Snapshot, request: pb.SendTemplatedMailRequest | pb.RenderTemplateRequest
     ) -> Mail:
         template = template_for(snapshot, request.template_name, current_call().principal)
-        return compose_templated(
+        return await compose_templated(
             snapshot,
             self._config,
             template,
@@ -129,13 +129,13 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         self, request: pb.SendTemplatedMailRequest, context: grpc.aio.ServicerContext
     ) -> pb.SendMailResponse:
         snapshot = self._store.snapshot
-        mail = self._templated(snapshot, request)
+        mail = await self._templated(snapshot, request)
         return await self._deliver("SendTemplatedMail", request, mail, snapshot, context)
 
     async def RenderTemplate(
         self, request: pb.RenderTemplateRequest, context: grpc.aio.ServicerContext
     ) -> pb.RenderedMail:
-        mail = self._templated(self._store.snapshot, request)
+        mail = await self._templated(self._store.snapshot, request)
         return pb.RenderedMail(
             from_address=str(mail.sender),
             to=[str(a) for a in mail.to],
