@@ -8,9 +8,11 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -81,9 +83,22 @@ def reflection_pool() -> descriptor_pool.DescriptorPool | None:
     pool = descriptor_pool.DescriptorPool()
     for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
         pool.AddSerializedFile(file.SerializeToString())
-    for module in (health_pb2, reflection_pb2):
-        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    # Health, reflection, and the error details our statuses carry, so clients can decode them.
+    for module in (health_pb2, reflection_pb2, error_details_pb2, status_pb2):
+        _add_file(pool, module.DESCRIPTOR)
     return pool
+
+
+def _add_file(pool: descriptor_pool.DescriptorPool, file: Any) -> None:
+    """Add a file descriptor and, first, whatever it imports that the pool lacks."""
+    try:
+        pool.FindFileByName(file.name)
+        return
+    except KeyError:
+        pass
+    for dependency in file.dependencies:
+        _add_file(pool, dependency)
+    pool.AddSerializedFile(file.serialized_pb)
 
 
 def _bind(server: grpc.aio.Server, config: Config) -> None:
