@@ -33,6 +33,12 @@ class Config:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     reload_interval: float = 2.0
+    queue_workers: int = 16
+    queue_retry_initial: float = 30.0
+    queue_retry_max: float = 1800.0
+    queue_max_age: float = 86400.0
+    queue_lease: float = 60.0
+    message_retention: float = 604800.0
     # gRPC transport limits (no flags yet): streams per connection, calls in flight overall,
     # keepalive pings, and how long an idle connection is kept.
     max_concurrent_streams: int = 128
@@ -143,6 +149,23 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds in-flight calls get to finish on SIGTERM (env MAILSVC_SHUTDOWN_GRACE; "
         "default 30)",
     )
+    for flag, kind, help in _QUEUE_FLAGS:
+        env = "MAILSVC_" + flag.upper().replace("-", "_")
+        parser.add_argument(f"--{flag}", type=kind, help=f"{help} (env {env})")
+
+
+_QUEUE_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("queue-workers", int, "background delivery attempts in flight at once; default 16"),
+    ("queue-retry-initial", float, "seconds before the first retry of a queued mail; default 30"),
+    ("queue-retry-max", float, "longest wait between retries of a queued mail; default 1800"),
+    ("queue-max-age", float, "seconds after its send time a queued mail fails; default 86400"),
+    ("queue-lease", float, "seconds an attempt holds its mail before another may; default 60"),
+    (
+        "message-retention",
+        float,
+        "seconds records are kept after their last change; default 604800",
+    ),
+)
 
 
 def _pick(arg: object, environ: Mapping[str, str], name: str) -> str | None:
@@ -195,6 +218,12 @@ def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         tls_key=path(args.tls_key, "MAILSVC_TLS_KEY"),
         tls_client_ca=path(args.tls_client_ca, "MAILSVC_TLS_CLIENT_CA"),
         reload_interval=number(args.reload_interval, "MAILSVC_RELOAD_INTERVAL", 2.0),
+        queue_workers=max(1, int(number(args.queue_workers, "MAILSVC_QUEUE_WORKERS", 16))),
+        queue_retry_initial=number(args.queue_retry_initial, "MAILSVC_QUEUE_RETRY_INITIAL", 30.0),
+        queue_retry_max=number(args.queue_retry_max, "MAILSVC_QUEUE_RETRY_MAX", 1800.0),
+        queue_max_age=number(args.queue_max_age, "MAILSVC_QUEUE_MAX_AGE", 86400.0),
+        queue_lease=number(args.queue_lease, "MAILSVC_QUEUE_LEASE", 60.0),
+        message_retention=number(args.message_retention, "MAILSVC_MESSAGE_RETENTION", 604800.0),
     )
     if config.log_format not in ("text", "json"):
         raise ConfigError(f"log format must be text or json, not {config.log_format!r}")

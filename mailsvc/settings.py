@@ -7,6 +7,7 @@ import re
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from mailsvc.errors import FieldViolation, InvalidArgument
+from mailsvc.limits import validate_rules
 from mailsvc.message import parse_address
 from mailsvc.templates import LIST_FIELDS, CompiledTemplate, TemplateEngine
 from mailsvc.v1.settings_pb2 import MailgunSettings, MailSettings, SmtpSettings
@@ -147,6 +148,7 @@ def check(
     for i, role in enumerate(settings.authorized_roles):
         if not role.strip():
             v.append(FieldViolation(f"settings.authorized_roles[{i}]", "must not be empty"))
+    v.extend(validate_rules(settings.rate_limits))
     compiled: dict[str, CompiledTemplate] = {}
     for name, template in sorted(settings.templates.items()):
         path = f"settings.templates.{name}"

@@ -104,9 +104,11 @@ class MailgunTransport:
         ]
         return data, files
 
-    async def send(self, mail: Mail, *, timeout: float) -> Delivery:
+    async def send(self, mail: Mail, *, timeout: float, message_id: str = "") -> Delivery:
         check_size(mail.estimated_size(), self._max_bytes)
         data, files = self._form(mail)
+        if message_id:
+            data["h:Message-Id"] = message_id
         try:
             response = await self._client.post(
                 self._url,
