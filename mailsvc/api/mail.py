@@ -318,6 +318,8 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         try:
             if request.id:
                 await self._visible(request.id, principal)
+            # Headers now, not with the first event: a client knows the watch is live.
+            await context.send_initial_metadata(())
             async for event in events:
                 if lifecycle.watch_sees(principal, event, request.id):
                     yield convert.event(event)
