@@ -8,18 +8,11 @@ from email.utils import parseaddr
 from functools import lru_cache
 from typing import Any
 
+from mailsvc.addresses import Address, check_header_text, parse_address, parse_addresses
 from mailsvc.auth import Principal, require_template
 from mailsvc.config import Config
 from mailsvc.errors import FieldViolation, NotFound
-from mailsvc.message import (
-    Address,
-    Mail,
-    check_attachments,
-    check_header_text,
-    parse_address,
-    parse_addresses,
-    raise_if,
-)
+from mailsvc.message import Mail, check_attachments, raise_if
 from mailsvc.store import Snapshot
 from mailsvc.templates import CompiledTemplate
 from mailsvc.v1.settings_pb2 import MailSettings

@@ -41,7 +41,7 @@ class Config:
     message_retention: float = 604800.0
     # gRPC transport limits (no flags yet): streams per connection, calls in flight overall,
     # keepalive pings, and how long an idle connection is kept.
-    max_concurrent_streams: int = 128
+    max_concurrent_streams: int = 1024
     max_concurrent_rpcs: int = 2048
     keepalive_seconds: float = 60.0
     keepalive_timeout_seconds: float = 20.0

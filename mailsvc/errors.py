@@ -7,17 +7,28 @@ MailsvcError
  ├── NotFound               NOT_FOUND
  ├── Aborted                ABORTED
  ├── FailedPrecondition     FAILED_PRECONDITION
- ├── Unavailable            UNAVAILABLE
+ ├── Unavailable            UNAVAILABLE              transient
+ ├── DeliveryUncertain      UNAVAILABLE (reason DELIVERY_UNCERTAIN): never retried, never
+ │                          failed over; not an Unavailable, so no isinstance check retries it
  ├── ResourceExhausted      RESOURCE_EXHAUSTED
+ │    └── RateLimited       RESOURCE_EXHAUSTED       transient
  └── DeadlineExceeded       DEADLINE_EXCEEDED
 
-Transports raise these with `transient` telling whether a retry may help. Messages are shown
-to clients: plain words, never a secret or a third party's text.
+Whether a retry may help is part of each class (`transient`), never changed on an instance.
+The rule for delivery: a retry (or a failover to the next transport) happens only for a
+transient error, which transports raise only when the mail surely did not reach the provider
+or the provider refused it for now. When the provider may have taken the mail (the connection
+was lost during SMTP DATA, a Mailgun reply was lost or unreadable), the transport raises
+DeliveryUncertain: never resend what may have been delivered. The queue marks such a message
+FAILED with reason DELIVERY_UNCERTAIN.
+
+Messages are shown to clients: plain words, never a secret or a third party's text.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class MailsvcError(Exception):
 
     code = "INTERNAL"
     default_reason = "INTERNAL"
-    transient = False
+    transient: ClassVar[bool] = False  # whether a retry may help; fixed per class
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -82,9 +93,18 @@ class FailedPrecondition(MailsvcError):
 
 
 class Unavailable(MailsvcError):
+    """The provider could not take the mail for now; nothing was handed over."""
+
     code = "UNAVAILABLE"
     default_reason = "UNAVAILABLE"
     transient = True
+
+
+class DeliveryUncertain(MailsvcError):
+    """The provider may have taken the mail: it is never sent again, nor elsewhere."""
+
+    code = "UNAVAILABLE"
+    default_reason = "DELIVERY_UNCERTAIN"
 
 
 class ResourceExhausted(MailsvcError):

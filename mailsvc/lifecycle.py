@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from mailsvc.auth import ADMIN, Principal
-from mailsvc.errors import InvalidArgument, MailsvcError
+from mailsvc.errors import DeadlineExceeded, DeliveryUncertain, InvalidArgument, MailsvcError
 from mailsvc.storage.base import Event, Finish, Status
 
 MAX_SCHEDULE_AHEAD = 7 * 86400.0
@@ -75,14 +75,11 @@ class Kind(enum.Enum):
 
 
 def classify(error: MailsvcError) -> Kind:
-    if error.reason == DELIVERY_UNCERTAIN:
+    # An attempt cut by its time limit may have been mid-DATA: as unsure as a lost reply.
+    if isinstance(error, DeliveryUncertain | DeadlineExceeded):
         return Kind.UNCERTAIN
     if error.transient or error.reason in SETTINGS_REASONS:
         return Kind.TRANSIENT
-    # The transports mark a failure after the hand-over began (connection lost during DATA, a
-    # Mailgun reply lost, a timeout mid-send) by a non-transient UNAVAILABLE or a deadline.
-    if error.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-        return Kind.UNCERTAIN
     return Kind.PERMANENT
 
 

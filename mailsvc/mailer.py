@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 
 from mailsvc.config import Config
 from mailsvc.errors import DeadlineExceeded, FailedPrecondition, MailsvcError, ResourceExhausted
@@ -30,20 +31,47 @@ BACKOFF_CAP = 2.0
 QUEUE_MARGIN = 0.05  # give up waiting for a send slot this long before the caller's deadline
 
 
-class Mailer:
-    """Owns the transports built from the current settings and the shared HTTP client."""
+@dataclass(eq=False)
+class _Version:
+    """The transports of one settings version, and the sends using them."""
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    transports: list[Transport]
+    users: int = 0
+    retired: bool = False  # a newer version exists: close once no send uses these
+    closing: bool = False
+
+
+class Mailer:
+    """Owns the transports built from the settings and the shared HTTP client.
+
+    Transports are kept per settings version (etag). A send uses the transports of the
+    snapshot it was given; a version is closed once a newer one is in use and no send uses
+    it any more, so a send holding an older snapshot never closes newer transports.
+    """
+
+    def __init__(
+        self, config: Config, metrics: Metrics, *, current_etag: Callable[[], str] | None = None
+    ) -> None:
         self._config = config
         self._metrics = metrics
         self._http = new_http_client()
-        self._etag: str | None = None
-        self._transports: list[Transport] = []
+        # Tells which version is the newest; without it, an etag seen first is the newest.
+        self._current_etag = current_etag
+        self._versions: dict[str, _Version] = {}
+        self._seen: set[str] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self._in_flight = asyncio.Semaphore(config.max_in_flight)
         metrics.track_pool(self._smtp_in_use)
 
     def _smtp_in_use(self) -> float:
-        return float(sum(t.in_use for t in self._transports if isinstance(t, SmtpTransport)))
+        return float(
+            sum(
+                t.in_use
+                for version in self._versions.values()
+                for t in version.transports
+                if isinstance(t, SmtpTransport)
+            )
+        )
 
     def _build(self, settings: MailSettings) -> list[Transport]:
         config = self._config
@@ -77,15 +105,49 @@ class Mailer:
             transports.append(MaildirTransport(config.outbox_dir, max_message_bytes=limit))
         return transports
 
-    def transports(self, snapshot: Snapshot) -> list[Transport]:
-        """The transports of this settings version; the previous ones are closed."""
-        if snapshot.etag != self._etag:
-            old = self._transports
-            self._transports = self._build(snapshot.settings)
-            self._etag = snapshot.etag
-            for transport in old:
-                asyncio.get_running_loop().create_task(transport.aclose())
-        return self._transports
+    def _is_newest(self, etag: str) -> bool:
+        if self._current_etag is not None:
+            return etag == self._current_etag()
+        return etag not in self._seen
+
+    @contextmanager
+    def _transports(self, snapshot: Snapshot) -> Iterator[list[Transport]]:
+        """The transports of this snapshot's settings version, held for one send."""
+        etag = snapshot.etag
+        version = self._versions.get(etag)
+        if version is None:
+            newest = self._is_newest(etag)
+            self._seen.add(etag)
+            version = _Version(self._build(snapshot.settings), retired=not newest)
+            self._versions[etag] = version
+            if newest:
+                for other_etag, other in list(self._versions.items()):
+                    if other_etag != etag:
+                        other.retired = True
+                        self._close_if_unused(other_etag, other)
+        version.users += 1
+        try:
+            yield version.transports
+        finally:
+            version.users -= 1
+            self._close_if_unused(etag, version)
+
+    def _close_if_unused(self, etag: str, version: _Version) -> None:
+        if not version.retired or version.users or version.closing:
+            return
+        version.closing = True
+        if self._versions.get(etag) is version:
+            del self._versions[etag]
+        task = asyncio.get_running_loop().create_task(self._close(version))
+        self._closing.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._closing.discard)
+
+    async def _close(self, version: _Version) -> None:
+        for transport in version.transports:
+            try:
+                await transport.aclose()
+            except Exception:
+                log.exception("closing the %s transport failed", transport.name)
 
     @asynccontextmanager
     async def _slot(self, deadline: float) -> AsyncIterator[None]:
@@ -114,7 +176,12 @@ class Mailer:
         Transient failures are retried with backoff; when they persist, the next configured
         transport is tried. A failure that may have delivered the mail is never retried.
         """
-        transports = self.transports(snapshot)
+        with self._transports(snapshot) as transports:
+            return await self._send(transports, mail, timeout, message_id)
+
+    async def _send(
+        self, transports: list[Transport], mail: Mail, timeout: float | None, message_id: str
+    ) -> Delivery:
         if not transports:
             raise FailedPrecondition("no mail transport configured", reason="NO_TRANSPORT")
         loop = asyncio.get_running_loop()
@@ -169,6 +236,12 @@ class Mailer:
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:
-        for transport in self._transports:
-            await transport.aclose()
+        versions = list(self._versions.values())
+        self._versions.clear()
+        for version in versions:
+            if not version.closing:
+                version.closing = True
+                await self._close(version)
+        if self._closing:
+            await asyncio.gather(*self._closing)
         await self._http.aclose()

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailsvc.message import Address, Attachment, Mail
+from mailsvc.addresses import Address
+from mailsvc.message import Attachment, Mail
 
 VERSION = 1
 

@@ -20,13 +20,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mailsvc.addresses import Address
 from mailsvc.auth import Principal
 from mailsvc.errors import FailedPrecondition, MailsvcError
 from mailsvc.lifecycle import Plan
 from mailsvc.limits import LimitTable, QuotaExceeded, RateLimiter
 from mailsvc.mailer import Mailer
-from mailsvc.message import Address, Mail, new_message_id
+from mailsvc.message import Mail
 from mailsvc.metrics import Metrics
+from mailsvc.mime import new_message_id
 from mailsvc.payload import encode
 from mailsvc.queue import Attempt
 from mailsvc.storage.base import NewMessage, Status, Storage, StorageError

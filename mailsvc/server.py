@@ -130,7 +130,7 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     secret = load_secret(environ, config.secret_file)
     store = SettingsStore(config.data_dir, TemplateEngine())
     metrics = Metrics()
-    mailer = Mailer(config, metrics)
+    mailer = Mailer(config, metrics, current_etag=lambda: store.snapshot.etag)
     storage = SqliteStorage(config.data_dir / FILE_NAME)
     await storage.open()
     try:

@@ -6,9 +6,9 @@ import re
 
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from mailsvc.addresses import is_host_name, parse_address
 from mailsvc.errors import FieldViolation, InvalidArgument
 from mailsvc.limits import validate_rules
-from mailsvc.message import parse_address
 from mailsvc.templates import LIST_FIELDS, CompiledTemplate, TemplateEngine
 from mailsvc.v1.settings_pb2 import MailgunSettings, MailSettings, SmtpSettings
 
@@ -141,6 +141,8 @@ def check(
         mg = settings.mailgun
         if not mg.domain.strip():
             v.append(FieldViolation("settings.mailgun.domain", "required when mailgun is set"))
+        elif not is_host_name(mg.domain):
+            v.append(FieldViolation("settings.mailgun.domain", "must be a host name"))
         if not mg.key:
             v.append(FieldViolation("settings.mailgun.key", "required when mailgun is first set"))
     if settings.default_from:

@@ -587,3 +587,23 @@ def details(err: grpc.RpcError) -> dict[str, Any]:
             for v in bad.field_violations:
                 out["violations"][v.field] = v.description
     return out
+
+
+# --- PostgreSQL (tests/pg.py): one server per test session, a fresh database per test.
+from tests import pg as _pg  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[_pg.PgServer]:
+    server = _pg.start_session_server()
+    yield server
+    _pg.remove(server)
+
+
+@pytest.fixture
+def pg_url(pg_server: _pg.PgServer) -> Iterator[str]:
+    """A fresh empty database on the session's PostgreSQL (dropped after the test)."""
+    url = pg_server.create_database()
+    yield url
+    if pg_server.running:
+        pg_server.psql(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')

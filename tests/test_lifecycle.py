@@ -22,11 +22,12 @@ from tests.conftest import (
     SinkHandler,
     SmtpSink,
     auth,
+    details,
     free_port,
     make_token,
     smtp_settings,
 )
-from tests.helpers import assert_error, details, expect_error, message_id_header, send, wait_until
+from tests.helpers import assert_error, expect_error, message_id_header, send, wait_until
 
 ServerFactory = Callable[..., Server]
 SmtpFactory = Callable[..., SmtpSink]

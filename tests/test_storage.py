@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mailsvc.storage.base import ListQuery, Status, Storage, StorageError, StorageOpenError
+from mailsvc.storage.postgres import PostgresStorage
 from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
 from tests.storage_suite import *  # noqa: F403
 from tests.storage_suite import T0, new
@@ -29,15 +30,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def make_storage(kind: str, tmp_path: Path) -> Storage:
-    if kind == "sqlite":
+def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "sqlite":
         return SqliteStorage(tmp_path / FILE_NAME)
-    raise AssertionError(kind)
+    if request.param == "postgres":
+        return PostgresStorage(request.getfixturevalue("pg_url"))
+    raise AssertionError(request.param)
 
 
-@pytest.fixture(params=["sqlite"])
+# The same behaviour, run against both stores, so they cannot drift apart.
+@pytest.fixture(params=["sqlite", "postgres"])
 async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Storage]:
-    store = make_storage(request.param, tmp_path)
+    store = make_storage(request, tmp_path)
     await store.open()
     try:
         yield store

@@ -9,12 +9,12 @@ import grpc
 from google.protobuf import empty_pb2
 
 from mailsvc import lifecycle
+from mailsvc.addresses import parse_address
 from mailsvc.api import convert
 from mailsvc.api.callstate import current_call
 from mailsvc.auth import require_admin
 from mailsvc.errors import FieldViolation, InvalidArgument, NotFound
 from mailsvc.lifecycle import PageTokens
-from mailsvc.message import parse_address
 from mailsvc.sending import SuppressionCache
 from mailsvc.storage.base import Storage, Suppression
 from mailsvc.suppression import SuppressionReason, normalize_address

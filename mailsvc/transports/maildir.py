@@ -7,7 +7,8 @@ import os
 import time
 from pathlib import Path
 
-from mailsvc.message import Mail, build_mime, new_message_id
+from mailsvc.message import Mail
+from mailsvc.mime import build_mime, new_message_id
 from mailsvc.transports.base import Delivery, check_size
 
 

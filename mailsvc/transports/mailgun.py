@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from mailsvc.addresses import is_host_name
 from mailsvc.errors import (
+    DeliveryUncertain,
     FailedPrecondition,
     MailsvcError,
     RateLimited,
@@ -37,6 +41,47 @@ def _not_sent(exc: httpx.HTTPError) -> bool:
     # The aiohttp transport maps every lost connection to ConnectTimeout; only its cause
     # tells a failed connect from a reply lost after the request went out.
     return isinstance(exc.__cause__, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
+def _certificate_failure(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError | aiohttp.ClientConnectorCertificateError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def map_http_error(exc: httpx.HTTPError) -> MailsvcError:
+    """A failed request as our error: retry only what surely never reached Mailgun."""
+    if _certificate_failure(exc):
+        # Retrying cannot fix a certificate, and "unreachable" would send the operator the
+        # wrong way.
+        return FailedPrecondition(
+            "Mailgun's TLS certificate did not verify (untrusted, expired or for another "
+            "host name); nothing was sent",
+            reason="TLS_VERIFY_FAILED",
+        )
+    if _not_sent(exc):
+        return Unavailable("Mailgun is unreachable", reason="MAILGUN_UNAVAILABLE")
+    return DeliveryUncertain(
+        "the connection to Mailgun failed after the request was sent; the mail may have "
+        "been delivered, so it is not sent again"
+    )
+
+
+def messages_url(base_url: str, domain: str) -> str:
+    """The messages endpoint of `domain`, which must be a host name.
+
+    The settings check this on every write; checked again here so that no domain can ever
+    change the request's path (`../`, `?`, `#`).
+    """
+    if not is_host_name(domain):
+        raise FailedPrecondition(
+            "the configured Mailgun domain is not a host name", reason="MAILGUN_DOMAIN_INVALID"
+        )
+    ascii_domain = domain.encode("idna").decode("ascii")
+    return f"{base_url.rstrip('/')}/v3/{quote(ascii_domain, safe='')}/messages"
 
 
 REGION_URLS = {"US": "https://api.mailgun.net", "EU": "https://api.eu.mailgun.net"}
@@ -77,7 +122,12 @@ class MailgunTransport:
         self._account = account
         self._client = client
         self._max_bytes = max_message_bytes
-        self._url = f"{account.base_url.rstrip('/')}/v3/{account.domain}/messages"
+        self._url: str | None = None
+        self._url_error: MailsvcError | None = None
+        try:
+            self._url = messages_url(account.base_url, account.domain)
+        except MailsvcError as exc:
+            self._url_error = exc
 
     def _form(self, mail: Mail) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
         data: dict[str, Any] = {
@@ -105,6 +155,9 @@ class MailgunTransport:
         return data, files
 
     async def send(self, mail: Mail, *, timeout: float, message_id: str = "") -> Delivery:
+        if self._url is None:
+            assert self._url_error is not None
+            raise self._url_error
         check_size(mail.estimated_size(), self._max_bytes)
         data, files = self._form(mail)
         if message_id:
@@ -118,27 +171,16 @@ class MailgunTransport:
                 timeout=timeout,
             )
         except httpx.HTTPError as exc:
-            if _not_sent(exc):
-                raise Unavailable("Mailgun is unreachable", reason="MAILGUN_UNAVAILABLE") from exc
-            # The request may have reached Mailgun: retrying could send the mail twice.
-            error = Unavailable(
-                "the connection to Mailgun failed after the request was sent",
-                reason="MAILGUN_UNAVAILABLE",
-            )
-            error.transient = False
-            raise error from exc
+            raise map_http_error(exc) from exc
         if response.status_code != 200:
             raise map_status(response.status_code)
         try:
             message_id = str(response.json()["id"])
         except (ValueError, KeyError, TypeError) as exc:
             # A 200 means Mailgun took the mail: sending it again would duplicate it.
-            error = Unavailable(
-                "Mailgun accepted the mail but answered without a message id",
-                reason="MAILGUN_UNAVAILABLE",
-            )
-            error.transient = False
-            raise error from exc
+            raise DeliveryUncertain(
+                "Mailgun accepted the mail but answered without a message id"
+            ) from exc
         return Delivery(message_id, self.name, mail.recipients)
 
     async def aclose(self) -> None:

@@ -14,8 +14,16 @@ from dataclasses import dataclass
 
 import aiosmtplib
 
-from mailsvc.errors import FailedPrecondition, MailsvcError, ResourceExhausted, Unavailable
-from mailsvc.message import Mail, build_mime, new_message_id
+from mailsvc.addresses import is_loopback_host
+from mailsvc.errors import (
+    DeliveryUncertain,
+    FailedPrecondition,
+    MailsvcError,
+    ResourceExhausted,
+    Unavailable,
+)
+from mailsvc.message import Mail
+from mailsvc.mime import build_mime, new_message_id
 from mailsvc.transports.base import Delivery, check_size
 
 IDLE_CHECK_SECONDS = 2.0  # an idle connection older than this is checked with NOOP first
@@ -53,21 +61,38 @@ def _reply_error(code: int, what: str) -> MailsvcError:
     return FailedPrecondition(f"the SMTP server rejected {what} ({code})", reason="SMTP_REJECTED")
 
 
-def _is_tls_failure(exc: BaseException) -> bool:
+def _tls_failure(exc: BaseException) -> ssl.SSLError | None:
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLError | ssl.CertificateError):
-            return True
+        if isinstance(seen, ssl.SSLError):
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
-def map_smtp_error(exc: Exception) -> MailsvcError:
-    """Turn an aiosmtplib or socket error into ours; the server's own text is not passed on."""
-    if _is_tls_failure(exc):
+def may_send_credentials(account: SmtpAccount, *, tls: bool) -> bool:
+    """The login goes only over TLS or to this machine, as Go's net/smtp does."""
+    return tls or is_loopback_host(account.host)
+
+
+def map_smtp_error(exc: Exception, *, in_data: bool = False) -> MailsvcError:
+    """Turn an aiosmtplib or socket error into ours; the server's own text is not passed on.
+
+    `in_data`: the failure came after DATA began. Unless the server answered with a refusal,
+    it may have the mail, which must then never be sent again.
+    """
+    tls_error = _tls_failure(exc)
+    if isinstance(tls_error, ssl.SSLCertVerificationError):
         return FailedPrecondition(
-            "TLS with the SMTP server failed: its certificate or host name did not verify",
-            reason="SMTP_TLS_FAILED",
+            "the SMTP server's TLS certificate or host name did not verify",
+            reason="TLS_VERIFY_FAILED",
+        )
+    if tls_error is not None:
+        return FailedPrecondition("TLS with the SMTP server failed", reason="SMTP_TLS_FAILED")
+    if in_data and not isinstance(exc, aiosmtplib.SMTPResponseException):
+        return DeliveryUncertain(
+            "the connection to the SMTP server failed during DATA; the mail may have been "
+            "delivered, so it is not sent again"
         )
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         if 400 <= exc.code < 500:
@@ -116,7 +141,7 @@ class SmtpTransport:
         self._max_bytes = max_message_bytes
         self._timeout = timeout
         self._pool_size = pool_size
-        self._slots = asyncio.Semaphore(max(pool_size, 1)) if pool_size else None
+        self._slots = asyncio.Semaphore(pool_size) if pool_size > 0 else None
         self._idle: deque[_Connection] = deque()
         self._closed = False
         self._tls = ssl.create_default_context()
@@ -137,15 +162,23 @@ class SmtpTransport:
         await client.connect()
         try:
             await client.ehlo()
-            if not account.ssl_on_connect:
+            tls = account.ssl_on_connect
+            if not tls:
                 if client.supports_extension("starttls"):
                     await client.starttls(tls_context=self._tls)
+                    tls = True
                 elif account.start_tls_required:
                     raise FailedPrecondition(
                         "the SMTP server does not offer STARTTLS, which the settings require",
                         reason="STARTTLS_NOT_OFFERED",
                     )
             if account.login:
+                if not may_send_credentials(account, tls=tls):
+                    raise FailedPrecondition(
+                        "the SMTP server offers no TLS, and the login is sent only over TLS "
+                        "(or to a loopback host)",
+                        reason="AUTH_WITHOUT_TLS",
+                    )
                 await client.login(account.login, account.password)
         except BaseException:
             client.close()
@@ -238,10 +271,7 @@ class SmtpTransport:
         except MailsvcError:
             raise
         except (aiosmtplib.SMTPException, OSError) as exc:
-            error = map_smtp_error(exc)
-            if in_data and not isinstance(exc, aiosmtplib.SMTPResponseException):
-                error.transient = False  # the server may have the mail: never send it twice
-            raise error from exc
+            raise map_smtp_error(exc, in_data=in_data) from exc
         return Delivery(message_id, self.name, accepted)
 
     async def aclose(self) -> None:

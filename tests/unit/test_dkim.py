@@ -12,8 +12,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from mailsvc.addresses import Address
 from mailsvc.dkim import DkimKeyError, DkimSigner, dns_txt_record, validate_private_key
-from mailsvc.message import Address, Attachment, Mail, build_mime
+from mailsvc.message import Attachment, Mail
+from mailsvc.mime import build_mime
 
 DOMAIN = "example.com"
 SELECTOR = "mail2026"

@@ -10,6 +10,7 @@ from mailsvc import lifecycle
 from mailsvc.auth import Principal
 from mailsvc.errors import (
     DeadlineExceeded,
+    DeliveryUncertain,
     FailedPrecondition,
     InvalidArgument,
     MailsvcError,
@@ -24,11 +25,9 @@ NOW = 1_750_000_000.0
 POLICY = RetryPolicy(initial=30, maximum=1800, max_age=86400)
 
 
-def uncertain_unavailable() -> Unavailable:
-    # What the v1 transports raise when the connection drops during DATA.
-    error = Unavailable("lost during DATA", reason="SMTP_UNAVAILABLE")
-    error.transient = False
-    return error
+def uncertain_unavailable() -> DeliveryUncertain:
+    # What the transports raise when the connection drops during DATA.
+    return DeliveryUncertain("lost during DATA")
 
 
 # --- send_at
@@ -74,22 +73,12 @@ def test_send_at_more_than_7_days_ahead_is_refused_naming_the_field() -> None:
         (FailedPrecondition("550", reason="SMTP_REJECTED"), Kind.PERMANENT),
         (FailedPrecondition("400", reason="MAILGUN_REJECTED"), Kind.PERMANENT),
         (ResourceExhausted("552", reason="MESSAGE_TOO_LARGE"), Kind.PERMANENT),
-        (MailsvcError("lost", reason="DELIVERY_UNCERTAIN"), Kind.UNCERTAIN),
         (uncertain_unavailable(), Kind.UNCERTAIN),
         (DeadlineExceeded("timed out mid-send"), Kind.UNCERTAIN),
     ],
 )
 def test_classify(error: MailsvcError, kind: Kind) -> None:
     assert lifecycle.classify(error) is kind
-
-
-def test_a_future_delivery_uncertain_class_is_uncertain_even_if_transient() -> None:
-    class DeliveryUncertain(MailsvcError):  # as another branch adds it to mailsvc.errors
-        code = "UNAVAILABLE"
-        default_reason = "DELIVERY_UNCERTAIN"
-        transient = True
-
-    assert lifecycle.classify(DeliveryUncertain("lost")) is Kind.UNCERTAIN
 
 
 def test_retry_delay_doubles_from_initial_and_is_capped() -> None:

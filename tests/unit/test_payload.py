@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mailsvc import payload
-from mailsvc.message import Address, Attachment, Mail
+from mailsvc.addresses import Address
+from mailsvc.message import Attachment, Mail
 
 MAIL = Mail(
     sender=Address("Shop", "shop@example.org"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from mailsvc.addresses import Address, parse_addresses
 from mailsvc.errors import FieldViolation
-from mailsvc.message import Address, parse_addresses
 from mailsvc.suppression import (
     SuppressionReason,
     apply_suppressions,

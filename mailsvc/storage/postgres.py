@@ -1,0 +1,684 @@
+"""PostgresStorage: the Storage interface on PostgreSQL, shared by any number of replicas.
+
+Claims are `FOR UPDATE SKIP LOCKED` with a lease; every event row is announced with
+NOTIFY in the transaction that writes it, and each process LISTENs on one connection of its
+own to feed `events()`. A lost connection is retried once where a second try cannot do the
+work twice; otherwise the call raises StorageError and the pool reconnects on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from email.utils import getaddresses
+from typing import Any, TypeVar
+
+import asyncpg
+
+from mailsvc.storage import pg_schema
+from mailsvc.storage.base import (
+    CANCELLABLE,
+    PENDING,
+    Claimed,
+    Event,
+    Finish,
+    IdempotencyEntry,
+    ListQuery,
+    MessageRecord,
+    NewMessage,
+    QuotaResult,
+    Status,
+    StorageError,
+    StorageOpenError,
+    Suppression,
+)
+from mailsvc.storage.pg_feed import (
+    CONNECTION_ERRORS,
+    DB_ERRORS,
+    Conn,
+    EventFeed,
+    describe_url,
+    event_of,
+    reason,
+    write_events,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_PENDING_CODES = tuple(int(s) for s in PENDING)
+_MESSAGE_COLUMNS = (
+    "id, caller, status, to_addrs, cc_addrs, bcc_addrs, subject, template_name, transport, "
+    "message_id, create_time, send_time, update_time, next_attempt_time, attempts, "
+    "last_error, last_error_reason, suppressed"
+)
+_MESSAGE_INSERT = """
+INSERT INTO messages (id, caller, status, to_addrs, cc_addrs, bcc_addrs, rcpt, subject,
+    template_name, transport, message_id, header_message_id, create_time, send_time,
+    update_time, due_time, suppressed, payload, last_error, last_error_reason)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $13, $15, $16, $17,
+    $18, $19)
+"""
+_CLAIM = """
+WITH due AS (
+    SELECT id FROM messages WHERE due_time <= $1
+    ORDER BY due_time, id LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE messages m SET status = 3, attempts = m.attempts + 1, lease_owner = $3,
+    lease_until = $4, due_time = $4, update_time = $1, next_attempt_time = NULL
+FROM due WHERE m.id = due.id
+RETURNING m.id, m.caller, m.payload, m.header_message_id, m.send_time, m.attempts,
+    m.lease_until, m.due_time
+"""
+_FINISH = """
+UPDATE messages SET status = $3::smallint, update_time = $4,
+    transport = CASE WHEN $5 <> '' THEN $5 ELSE transport END,
+    message_id = CASE WHEN $6 <> '' THEN $6 ELSE message_id END,
+    last_error = $7, last_error_reason = $8,
+    next_attempt_time = $9, due_time = $9,
+    payload = CASE WHEN $3::smallint IN (4, 6) THEN NULL ELSE payload END,
+    lease_owner = '', lease_until = NULL
+WHERE id = $1 AND status = 3 AND lease_owner = $2
+RETURNING caller
+"""
+
+
+def _record(row: asyncpg.Record, events: tuple[Event, ...] = ()) -> MessageRecord:
+    return MessageRecord(
+        id=row["id"],
+        caller=row["caller"],
+        status=Status(row["status"]),
+        to=tuple(row["to_addrs"]),
+        cc=tuple(row["cc_addrs"]),
+        bcc=tuple(row["bcc_addrs"]),
+        subject=row["subject"],
+        template_name=row["template_name"],
+        transport=row["transport"],
+        message_id=row["message_id"],
+        create_time=row["create_time"],
+        send_time=row["send_time"],
+        update_time=row["update_time"],
+        next_attempt_time=row["next_attempt_time"],
+        attempts=row["attempts"],
+        last_error=row["last_error"],
+        last_error_reason=row["last_error_reason"],
+        suppressed=tuple(row["suppressed"]),
+        events=events,
+    )
+
+
+def _recipient_keys(values: Sequence[str]) -> list[str]:
+    """Lower-cased forms a recipient filter may name: the addr-spec, and the text as given."""
+    out: set[str] = set()
+    for value in values:
+        out.add(value.strip().lower())
+        out.update(addr.lower() for _, addr in getaddresses([value]) if addr)
+    return sorted(out)
+
+
+class PostgresStorage:
+    """The Storage Protocol on PostgreSQL (asyncpg); see base.Storage for each method."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        connect_timeout: float = 10.0,
+        command_timeout: float = 30.0,
+        listen_retry: float = 1.0,
+    ) -> None:
+        self._url = url
+        self._where = describe_url(url)
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+        self._feed = EventFeed(
+            url, self._where, connect_timeout=connect_timeout, listen_retry=listen_retry
+        )
+
+    # --- lifecycle
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+            )
+        except DB_ERRORS as exc:
+            raise StorageOpenError(
+                f"cannot connect to PostgreSQL at {self._where}: {reason(exc)}"
+            ) from None
+        try:
+            async with self._pool.acquire() as conn:
+                await pg_schema.migrate(conn)
+                last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+        except pg_schema.SchemaTooNew as exc:
+            await self._pool.close()
+            raise StorageOpenError(f"PostgreSQL at {self._where}: {exc}") from None
+        except DB_ERRORS as exc:
+            await self._pool.close()
+            raise StorageOpenError(
+                f"cannot prepare the schema in PostgreSQL at {self._where}: {reason(exc)}"
+            ) from None
+        try:
+            await self._feed.start(last_seq)
+        except StorageError:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        await self._feed.aclose()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    # --- plumbing
+    async def _run(
+        self,
+        work: Callable[[Conn, bool], Awaitable[T]],
+        *,
+        retry: bool,
+    ) -> T:
+        """`work(conn, retried)` on a pooled connection; once more after a lost connection
+        when `retry` (work that a second run cannot do twice)."""
+        if self._pool is None:
+            raise StorageError("the PostgreSQL store is not open")
+        for attempt in range(2):
+            try:
+                async with self._pool.acquire(timeout=self._connect_timeout) as conn:
+                    return await work(conn, attempt > 0)
+            except CONNECTION_ERRORS as exc:
+                # Idle connections may have died with this one (a server restart).
+                await self._pool.expire_connections()
+                if retry and attempt == 0:
+                    log.info("PostgreSQL connection lost (%s); retrying once", reason(exc))
+                    continue
+                raise StorageError(
+                    f"PostgreSQL at {self._where} is unavailable: {reason(exc)}"
+                ) from None
+            except asyncpg.PostgresError as exc:
+                raise StorageError(f"PostgreSQL at {self._where}: {reason(exc)}") from None
+        raise AssertionError("unreachable")
+
+    # --- message records and the queue
+    async def insert(
+        self,
+        messages: Sequence[NewMessage],
+        *,
+        idempotency: tuple[str, str, str, bytes] | None = None,
+    ) -> None:
+        if not messages:
+            return
+        rows = [
+            (
+                m.id,
+                m.caller,
+                int(m.status),
+                list(m.to),
+                list(m.cc),
+                list(m.bcc),
+                _recipient_keys((*m.to, *m.cc, *m.bcc)),
+                m.subject,
+                m.template_name,
+                m.transport,
+                m.message_id,
+                m.header_message_id,
+                m.create_time,
+                m.send_time,
+                m.send_time if m.status in PENDING else None,
+                list(m.suppressed),
+                m.payload if m.status in PENDING else None,
+                m.last_error,
+                m.last_error_reason,
+            )
+            for m in messages
+        ]
+        events = [(m.id, m.create_time, int(m.status), m.detail, m.caller) for m in messages]
+
+        async def work(conn: Conn, retried: bool) -> None:
+            # Ids are unique: after a lost reply, finding the first one means it committed.
+            if retried and await conn.fetchval(
+                "SELECT 1 FROM messages WHERE id = $1", messages[0].id
+            ):
+                return
+            async with conn.transaction():
+                await conn.executemany(_MESSAGE_INSERT, rows)
+                if idempotency is not None:
+                    caller, key, fingerprint, response = idempotency
+                    await conn.execute(
+                        "INSERT INTO idempotency (caller, key, fingerprint, response,"
+                        " expire_time) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (caller, key)"
+                        " DO UPDATE SET fingerprint = $3, response = $4",
+                        caller,
+                        key,
+                        fingerprint,
+                        response,
+                        messages[0].create_time + 86400,
+                    )
+                await write_events(conn, events)
+
+        await self._run(work, retry=True)
+
+    async def claim(self, *, now: float, limit: int, lease: float, owner: str) -> list[Claimed]:
+        async def work(conn: Conn, retried: bool) -> list[Claimed]:
+            async with conn.transaction():
+                rows = await conn.fetch(_CLAIM, now, limit, owner, now + lease)
+                rows = sorted(rows, key=lambda r: (r["due_time"], r["id"]))
+                await write_events(
+                    conn,
+                    [
+                        (r["id"], now, int(Status.SENDING), f"attempt {r['attempts']}", r["caller"])
+                        for r in rows
+                    ],
+                )
+            return [
+                Claimed(
+                    id=r["id"],
+                    caller=r["caller"],
+                    payload=r["payload"] or b"",
+                    header_message_id=r["header_message_id"],
+                    send_time=r["send_time"],
+                    attempts=r["attempts"],
+                    lease_until=r["lease_until"],
+                )
+                for r in rows
+            ]
+
+        claimed = await self._run(work, retry=False)
+        return claimed
+
+    async def finish(self, id: str, outcome: Finish, *, owner: str, now: float) -> Event | None:
+        if outcome.status not in (Status.SENT, Status.FAILED, Status.QUEUED):
+            raise ValueError(f"an attempt cannot end in {outcome.status.name}")
+        if outcome.status == Status.QUEUED and outcome.next_attempt_time is None:
+            raise ValueError("a rescheduled message needs its next attempt time")
+        next_time = outcome.next_attempt_time if outcome.status == Status.QUEUED else None
+
+        async def work(conn: Conn, retried: bool) -> Event | None:
+            async with conn.transaction():
+                caller = await conn.fetchval(
+                    _FINISH,
+                    id,
+                    owner,
+                    int(outcome.status),
+                    now,
+                    outcome.transport,
+                    outcome.message_id,
+                    outcome.error,
+                    outcome.reason,
+                    next_time,
+                )
+                if caller is None:
+                    return None
+                written = await write_events(
+                    conn, [(id, now, int(outcome.status), outcome.detail, caller)]
+                )
+            return written[0]
+
+        # A retry after a lost commit finds the claim released and writes nothing.
+        return await self._run(work, retry=True)
+
+    async def cancel(self, id: str, *, now: float) -> tuple[MessageRecord | None, Event | None]:
+        async def work(conn: Conn, retried: bool) -> tuple[MessageRecord | None, Event | None]:
+            async with conn.transaction():
+                caller = await conn.fetchval(
+                    "UPDATE messages SET status = $2, update_time = $3, payload = NULL,"
+                    " due_time = NULL, next_attempt_time = NULL"
+                    " WHERE id = $1 AND status = ANY($4::smallint[]) RETURNING caller",
+                    id,
+                    int(Status.CANCELLED),
+                    now,
+                    [int(s) for s in CANCELLABLE],
+                )
+                event = None
+                if caller is not None:
+                    written = await write_events(
+                        conn, [(id, now, int(Status.CANCELLED), "cancelled", caller)]
+                    )
+                    event = written[0]
+            return await self._get(conn, id), event
+
+        return await self._run(work, retry=True)
+
+    async def add_event(
+        self, header_message_id: str, status: Status | None, detail: str, *, now: float
+    ) -> Event | None:
+        wanted = header_message_id.strip().strip("<>")
+        if not wanted:
+            return None
+
+        async def work(conn: Conn, retried: bool) -> Event | None:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT id, caller, status FROM messages"
+                    " WHERE (btrim(message_id, '<>') = $1 AND message_id <> '')"
+                    " OR (btrim(header_message_id, '<>') = $1 AND header_message_id <> '')"
+                    " ORDER BY create_time DESC, id DESC LIMIT 1 FOR UPDATE",
+                    wanted,
+                )
+                if row is None:
+                    return None
+                new_status = int(status) if status is not None else row["status"]
+                await conn.execute(
+                    "UPDATE messages SET status = $2, update_time = $3 WHERE id = $1",
+                    row["id"],
+                    new_status,
+                    now,
+                )
+                written = await write_events(
+                    conn, [(row["id"], now, new_status, detail, row["caller"])]
+                )
+            return written[0]
+
+        return await self._run(work, retry=False)
+
+    async def _get(self, conn: Conn, id: str) -> MessageRecord | None:
+        row = await conn.fetchrow(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1", id)
+        if row is None:
+            return None
+        events = await conn.fetch(
+            "SELECT seq, message_id, time, status, detail, caller FROM events"
+            " WHERE message_id = $1 ORDER BY seq",
+            id,
+        )
+        return _record(row, tuple(event_of(e) for e in events))
+
+    async def get(self, id: str) -> MessageRecord | None:
+        async def work(conn: Conn, retried: bool) -> MessageRecord | None:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await self._get(conn, id)
+
+        return await self._run(work, retry=True)
+
+    async def list_messages(self, query: ListQuery) -> list[MessageRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.after is not None:
+            where.append(f"(create_time, id) < ({arg(query.after[0])}, {arg(query.after[1])})")
+        if query.status is not None:
+            where.append(f"status = {arg(int(query.status))}")
+        if query.recipient:
+            where.append(f"rcpt @> ARRAY[{arg(query.recipient.strip().lower())}::text]")
+        if query.caller:
+            where.append(f"caller = {arg(query.caller)}")
+        sql = (
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + f" ORDER BY create_time DESC, id DESC LIMIT {arg(max(query.page_size, 0))}"
+        )
+
+        async def work(conn: Conn, retried: bool) -> list[MessageRecord]:
+            return [_record(r) for r in await conn.fetch(sql, *args)]
+
+        return await self._run(work, retry=True)
+
+    async def next_due(self) -> float | None:
+        async def work(conn: Conn, retried: bool) -> float | None:
+            value: float | None = await conn.fetchval(
+                "SELECT min(due_time) FROM messages WHERE due_time IS NOT NULL"
+            )
+            return value
+
+        return await self._run(work, retry=True)
+
+    async def queue_stats(self, *, now: float) -> dict[Status, int]:
+        async def work(conn: Conn, retried: bool) -> dict[Status, int]:
+            rows = await conn.fetch("SELECT status, count(*) FROM messages GROUP BY status")
+            return {Status(r[0]): int(r[1]) for r in rows}
+
+        return await self._run(work, retry=True)
+
+    async def oldest_due(self, *, now: float) -> float | None:
+        async def work(conn: Conn, retried: bool) -> float | None:
+            value: float | None = await conn.fetchval(
+                # Leases that ran out are not "waiting": that age is the queue's backlog.
+                "SELECT min(due_time) FROM messages WHERE due_time <= $1 AND status <> 3",
+                now,
+            )
+            return value
+
+        return await self._run(work, retry=True)
+
+    async def purge(self, *, before: float, now: float) -> int:
+        at = now
+
+        async def work(conn: Conn, retried: bool) -> int:
+            async with conn.transaction():
+                deleted = await conn.fetchval(
+                    "WITH d AS (DELETE FROM messages WHERE update_time < $1"
+                    " AND NOT (status = ANY($2::smallint[])) RETURNING 1)"
+                    " SELECT count(*) FROM d",
+                    before,
+                    list(_PENDING_CODES),
+                )
+                await conn.execute("DELETE FROM idempotency WHERE expire_time <= $1", at)
+                await conn.execute("DELETE FROM webhook_tokens WHERE expire_time <= $1", at)
+                await conn.execute("DELETE FROM quota_minute WHERE time <= $1", at - 60)
+                await conn.execute("DELETE FROM quota_day WHERE day < $1", int(at // 86400))
+            return int(deleted)
+
+        return await self._run(work, retry=True)
+
+    # --- idempotency
+    async def idempotency_reserve(
+        self, caller: str, key: str, fingerprint: str, *, now: float, ttl: float
+    ) -> IdempotencyEntry | None:
+        async def work(conn: Conn, retried: bool) -> IdempotencyEntry | None:
+            # One statement: a new key, or an expired one taken over, is reserved by us.
+            reserved = await conn.fetchval(
+                "INSERT INTO idempotency (caller, key, fingerprint, response, expire_time)"
+                " VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (caller, key) DO UPDATE"
+                " SET fingerprint = $3, response = NULL, expire_time = $4"
+                " WHERE idempotency.expire_time <= $5 RETURNING 1",
+                caller,
+                key,
+                fingerprint,
+                now + ttl,
+                now,
+            )
+            if reserved:
+                return None
+            row = await conn.fetchrow(
+                "SELECT fingerprint, response FROM idempotency WHERE caller = $1 AND key = $2",
+                caller,
+                key,
+            )
+            if row is None:  # released in between: the caller may try again
+                return IdempotencyEntry(fingerprint=fingerprint, response=None)
+            return IdempotencyEntry(fingerprint=row["fingerprint"], response=row["response"])
+
+        return await self._run(work, retry=False)
+
+    async def idempotency_complete(self, caller: str, key: str, response: bytes) -> None:
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute(
+                "UPDATE idempotency SET response = $3 WHERE caller = $1 AND key = $2",
+                caller,
+                key,
+                response,
+            )
+
+        await self._run(work, retry=True)
+
+    async def idempotency_release(self, caller: str, key: str) -> None:
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute(
+                "DELETE FROM idempotency WHERE caller = $1 AND key = $2 AND response IS NULL",
+                caller,
+                key,
+            )
+
+        await self._run(work, retry=True)
+
+    # --- suppressions
+    async def suppressed(self, addresses: Sequence[str]) -> set[str]:
+        if not addresses:
+            return set()
+
+        async def work(conn: Conn, retried: bool) -> set[str]:
+            rows = await conn.fetch(
+                "SELECT address FROM suppressions WHERE address = ANY($1::text[])",
+                sorted({a.lower() for a in addresses}),
+            )
+            return {r[0] for r in rows}
+
+        return await self._run(work, retry=True)
+
+    async def add_suppression(self, entry: Suppression) -> Suppression:
+        async def work(conn: Conn, retried: bool) -> Suppression:
+            row = await conn.fetchrow(
+                "INSERT INTO suppressions (address, reason, create_time, detail)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (address) DO UPDATE"
+                " SET reason = $2, detail = $4 RETURNING address, reason, create_time, detail",
+                entry.address.lower(),
+                entry.reason,
+                entry.create_time,
+                entry.detail,
+            )
+            assert row is not None
+            return Suppression(address=row[0], reason=row[1], create_time=row[2], detail=row[3])
+
+        return await self._run(work, retry=True)
+
+    async def delete_suppression(self, address: str) -> bool:
+        async def work(conn: Conn, retried: bool) -> bool:
+            status = await conn.execute(
+                "DELETE FROM suppressions WHERE address = $1",
+                address.lower(),
+            )
+            return bool(status != "DELETE 0")
+
+        return await self._run(work, retry=False)
+
+    async def list_suppressions(self, *, page_size: int, after: str = "") -> list[Suppression]:
+        async def work(conn: Conn, retried: bool) -> list[Suppression]:
+            rows = await conn.fetch(
+                "SELECT address, reason, create_time, detail FROM suppressions"
+                " WHERE address > $1 ORDER BY address LIMIT $2",
+                after.lower(),
+                max(page_size, 0),
+            )
+            return [
+                Suppression(address=r[0], reason=r[1], create_time=r[2], detail=r[3]) for r in rows
+            ]
+
+        return await self._run(work, retry=True)
+
+    # --- rate limits
+    async def consume_quota(
+        self, caller: str, count: int, *, now: float, per_minute: int, per_day: int
+    ) -> QuotaResult:
+        day = int(now // 86400)
+
+        async def work(conn: Conn, retried: bool) -> QuotaResult:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                    pg_schema.QUOTA_LOCK_CLASS,
+                    caller,
+                )
+                await conn.execute(
+                    "DELETE FROM quota_minute WHERE caller = $1 AND time <= $2",
+                    caller,
+                    now - 60,
+                )
+                rows = await conn.fetch(
+                    "SELECT time, count FROM quota_minute WHERE caller = $1 ORDER BY time",
+                    caller,
+                )
+                window = [(float(r[0]), int(r[1])) for r in rows]
+                minute = sum(n for _, n in window)
+                day_count = int(
+                    await conn.fetchval(
+                        "SELECT count FROM quota_day WHERE caller = $1 AND day = $2",
+                        caller,
+                        day,
+                    )
+                    or 0
+                )
+                minute_ok = per_minute <= 0 or minute + count <= per_minute
+                day_ok = per_day <= 0 or day_count + count <= per_day
+                if not (minute_ok and day_ok):
+                    return QuotaResult(
+                        allowed=False,
+                        minute_count=minute,
+                        day_count=day_count,
+                        retry_after=_retry_after(
+                            window, count, now, per_minute, per_day, minute_ok, day_ok
+                        ),
+                    )
+                await conn.execute(
+                    "INSERT INTO quota_minute (caller, time, count) VALUES ($1, $2, $3)",
+                    caller,
+                    now,
+                    count,
+                )
+                await conn.execute(
+                    "INSERT INTO quota_day (caller, day, count) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (caller, day) DO UPDATE SET count = quota_day.count + $3",
+                    caller,
+                    day,
+                    count,
+                )
+            return QuotaResult(
+                allowed=True, minute_count=minute + count, day_count=day_count + count
+            )
+
+        return await self._run(work, retry=False)
+
+    # --- webhook tokens
+    async def remember_token(self, token: str, *, now: float, ttl: float) -> bool:
+        async def work(conn: Conn, retried: bool) -> bool:
+            new = await conn.fetchval(
+                "INSERT INTO webhook_tokens (token, expire_time) VALUES ($1, $2)"
+                " ON CONFLICT (token) DO UPDATE SET expire_time = $2"
+                " WHERE webhook_tokens.expire_time <= $3 RETURNING 1",
+                token,
+                now + ttl,
+                now,
+            )
+            return new is not None
+
+        return await self._run(work, retry=False)
+
+    # --- change feed
+    def events(self) -> AsyncIterator[Event]:
+        return self._feed.subscribe()
+
+
+def _retry_after(
+    window: Sequence[tuple[float, int]],
+    count: int,
+    now: float,
+    per_minute: int,
+    per_day: int,
+    minute_ok: bool,
+    day_ok: bool,
+) -> float | None:
+    """Seconds until `count` more would fit in both windows; None if it never can."""
+    waits: list[float] = []
+    if not minute_ok:
+        if count > per_minute:
+            return None
+        remaining = sum(n for _, n in window)
+        for at, n in window:  # oldest first: each leaves the window 60 s after it came
+            remaining -= n
+            if remaining + count <= per_minute:
+                waits.append(at + 60 - now)
+                break
+    if not day_ok:
+        if count > per_day:
+            return None
+        waits.append((math.floor(now / 86400) + 1) * 86400 - now)
+    return max(0.0, *waits) if waits else None
