@@ -8,7 +8,13 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from mailsvc import client_cli
-from mailsvc.config import add_common_flags, add_serve_flags, config_from, data_dir_and_secret
+from mailsvc.config import (
+    add_common_flags,
+    add_serve_flags,
+    config_from,
+    data_dir_and_secret,
+    secret_file_of,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +68,7 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from mailsvc.auth import load_secret, mint_token
 
     data_dir, secret_file = data_dir_and_secret(args, environ)
-    secret = load_secret(environ, secret_file or data_dir / "jwt-secret")
+    secret = load_secret(environ, secret_file_of(data_dir, secret_file))
     roles = [r.strip() for group in args.roles for r in group.split(",") if r.strip()]
     print(mint_token(secret, roles, args.sub, ttl=args.ttl))
     return 0

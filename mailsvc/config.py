@@ -1,45 +1,126 @@
-"""Server configuration: built once from flags and environment, then passed down."""
+"""Server configuration: built once from flags and environment, then passed down.
+
+Each option is defined once, as a field of Config: its type, default and help. From that come
+the `--flag` (the field's name in kebab case unless `flag=` says otherwise), its env twin
+`MAILSVC_<FLAG IN UPPER SNAKE>` and the parsing. Adding an option is one line.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
-from dataclasses import dataclass
+import dataclasses
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+JWT_SECRET_FILE = "jwt-secret"  # in the data dir, when no --jwt-secret-file is given
+OUTBOX_DIR = "outbox"  # in the data dir: dev mode's maildir
+
+
+def meta(
+    help: str,
+    *,
+    flag: str | None = None,
+    common: bool = False,
+    minimum: float | None = None,
+    choices: tuple[str, ...] = (),
+    shown_default: str | None = None,
+) -> dict[str, Any]:
+    """Makes a Config field a `serve` flag with an env twin.
+
+    common: also a flag of `token`. minimum: smaller values are raised to it. shown_default:
+    the default as the help shows it, when not the value itself.
+    """
+    return {
+        "help": help,
+        "flag": flag,
+        "common": common,
+        "minimum": minimum,
+        "choices": choices,
+        "shown_default": shown_default,
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """Everything `mailsvc serve` needs to know, fixed at start."""
 
-    listen: str = "127.0.0.1:50051"
-    data_dir: Path = Path("data")
-    default_from: str = "no-reply@localhost"
-    jwt_secret_file: Path | None = None
-    mailgun_base_url: str | None = None
-    dev: bool = False
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    smtp_timeout: float = 30.0
-    send_timeout: float = 60.0
-    send_attempts: int = 3
-    smtp_pool_size: int = 4
-    max_in_flight: int = 256
-    grace_seconds: float = 30.0
-    metrics_listen: str = ""
-    log_format: str = "text"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    reload_interval: float = 2.0
-    queue_workers: int = 16
-    queue_retry_initial: float = 30.0
-    queue_retry_max: float = 1800.0
-    queue_max_age: float = 86400.0
-    queue_lease: float = 60.0
-    message_retention: float = 604800.0
-    # gRPC transport limits (no flags yet): streams per connection, calls in flight overall,
+    data_dir: Path = field(
+        default=Path("data"), metadata=meta("data directory", common=True, shown_default="./data")
+    )
+    jwt_secret_file: Path | None = field(
+        default=None,
+        metadata=meta(
+            "file holding the JWT secret", common=True, shown_default="<data-dir>/jwt-secret"
+        ),
+    )
+    listen: str = field(default="127.0.0.1:50051", metadata=meta("address to listen on"))
+    default_from: str = field(default="no-reply@localhost", metadata=meta("From of mail"))
+    mailgun_base_url: str | None = field(
+        default=None, metadata=meta("Mailgun API base URL", shown_default="from the region")
+    )
+    dev: bool = field(
+        default=False, metadata=meta("dev mode: unsent mail goes to <data-dir>/outbox")
+    )
+    max_message_bytes: int = field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metadata=meta("largest message accepted, in bytes", shown_default="10 MiB"),
+    )
+    smtp_pool_size: int = field(
+        default=4, metadata=meta("reused SMTP connections per server; 0 = one per mail")
+    )
+    max_in_flight: int = field(
+        default=256, metadata=meta("sends handed over at once; more wait", minimum=1)
+    )
+    send_attempts: int = field(
+        default=3, metadata=meta("attempts per transport for transient failures", minimum=1)
+    )
+    send_timeout: float = field(
+        default=60.0, metadata=meta("seconds a send may take when the caller sets no deadline")
+    )
+    metrics_listen: str = field(
+        default="", metadata=meta("host:port for Prometheus /metrics", shown_default="empty = off")
+    )
+    log_format: str = field(
+        default="text",
+        metadata=meta("log lines as text or one JSON object each", choices=("text", "json")),
+    )
+    tls_cert: Path | None = field(default=None, metadata=meta("server certificate chain, PEM"))
+    tls_key: Path | None = field(default=None, metadata=meta("server private key, PEM"))
+    tls_client_ca: Path | None = field(
+        default=None, metadata=meta("require client certificates signed by this CA, PEM")
+    )
+    reload_interval: float = field(
+        default=2.0,
+        metadata=meta("seconds between checks of settings.json for outside edits; 0 = never"),
+    )
+    grace_seconds: float = field(
+        default=30.0,
+        metadata=meta("seconds in-flight calls get to finish on SIGTERM", flag="shutdown-grace"),
+    )
+    queue_workers: int = field(
+        default=16, metadata=meta("background delivery attempts in flight at once", minimum=1)
+    )
+    queue_retry_initial: float = field(
+        default=30.0, metadata=meta("seconds before the first retry of a queued mail")
+    )
+    queue_retry_max: float = field(
+        default=1800.0, metadata=meta("longest wait in seconds between retries of a queued mail")
+    )
+    queue_max_age: float = field(
+        default=86400.0, metadata=meta("seconds after its send time a queued mail is failed")
+    )
+    queue_lease: float = field(
+        default=60.0, metadata=meta("seconds an attempt holds its mail before another may take it")
+    )
+    message_retention: float = field(
+        default=604800.0, metadata=meta("seconds records are kept after their last change")
+    )
+    smtp_timeout: float = 30.0  # not a flag
+    # gRPC transport limits (not flags): streams per connection, calls in flight overall,
     # keepalive pings, and how long an idle connection is kept.
     max_concurrent_streams: int = 1024
     max_concurrent_rpcs: int = 2048
@@ -48,185 +129,126 @@ class Config:
     max_connection_idle_seconds: float = 600.0
 
     @property
-    def settings_path(self) -> Path:
-        return self.data_dir / "settings.json"
-
-    @property
-    def acl_path(self) -> Path:
-        return self.data_dir / "acl.json"
-
-    @property
     def outbox_dir(self) -> Path:
-        return self.data_dir / "outbox"
+        return self.data_dir / OUTBOX_DIR
 
     @property
     def secret_file(self) -> Path:
-        return self.jwt_secret_file or self.data_dir / "jwt-secret"
+        return secret_file_of(self.data_dir, self.jwt_secret_file)
 
 
 class ConfigError(Exception):
     """Flags or environment that cannot work together."""
 
 
+def secret_file_of(data_dir: Path, jwt_secret_file: Path | None) -> Path:
+    return jwt_secret_file or data_dir / JWT_SECRET_FILE
+
+
 def env_flag(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+@dataclass(frozen=True)
+class _Option:
+    field: dataclasses.Field[Any]
+    kind: type  # str, Path, int, float or bool (None stripped)
+
+    @property
+    def flag(self) -> str:
+        return "--" + (self.field.metadata["flag"] or self.field.name.replace("_", "-"))
+
+    @property
+    def env(self) -> str:
+        return "MAILSVC_" + self.flag[2:].replace("-", "_").upper()
+
+    def help(self) -> str:
+        shown = self.field.metadata["shown_default"]
+        if shown is None:
+            default = self.field.default
+            shown = f"{default:g}" if isinstance(default, float) else str(default or "")
+        env = f"{self.env}=1" if self.kind is bool else self.env
+        text = f"{self.field.metadata['help']} (env {env}"
+        return text + (f"; default {shown})" if shown and self.kind is not bool else ")")
+
+
+def _options() -> Iterator[_Option]:
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if "help" not in f.metadata:
+            continue
+        kinds = [k for k in typing.get_args(hints[f.name]) if k is not type(None)]
+        yield _Option(f, kinds[0] if kinds else hints[f.name])
+
+
+def _add(parser: argparse.ArgumentParser, opt: _Option) -> None:
+    if opt.kind is bool:
+        parser.add_argument(
+            opt.flag, dest=opt.field.name, action="store_true", default=None, help=opt.help()
+        )
+        return
+    parser.add_argument(
+        opt.flag,
+        dest=opt.field.name,
+        type=_PARSE[opt.kind],
+        metavar=opt.flag[2:].replace("-", "_").upper(),
+        choices=opt.field.metadata["choices"] or None,
+        help=opt.help(),
+    )
+
+
+_PARSE: dict[type, Callable[[str], Any]] = {int: int, float: float, str: str, Path: str}
+
+
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags shared by `serve` and `token`: where the data and the JWT secret live."""
-    parser.add_argument("--data-dir", help="data directory (env MAILSVC_DATA_DIR; default ./data)")
-    parser.add_argument(
-        "--jwt-secret-file",
-        help="file holding the JWT secret (env MAILSVC_JWT_SECRET_FILE; "
-        "default <data-dir>/jwt-secret)",
-    )
+    for opt in _options():
+        if opt.field.metadata["common"]:
+            _add(parser, opt)
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    add_common_flags(parser)
-    parser.add_argument("--listen", help="address to listen on (env MAILSVC_LISTEN)")
-    parser.add_argument("--default-from", help="From of mail (env MAILSVC_DEFAULT_FROM)")
-    parser.add_argument(
-        "--mailgun-base-url", help="Mailgun API base URL (env MAILSVC_MAILGUN_BASE_URL)"
-    )
-    parser.add_argument(
-        "--dev",
-        action="store_true",
-        default=None,
-        help="dev mode: unsent mail goes to <data-dir>/outbox (env MAILSVC_DEV=1)",
-    )
-    parser.add_argument(
-        "--max-message-bytes",
-        type=int,
-        help="largest message accepted, in bytes (env MAILSVC_MAX_MESSAGE_BYTES; default 10 MiB)",
-    )
-    parser.add_argument(
-        "--smtp-pool-size",
-        type=int,
-        help="reused SMTP connections per server; 0 = one per mail "
-        "(env MAILSVC_SMTP_POOL_SIZE; default 4)",
-    )
-    parser.add_argument(
-        "--max-in-flight",
-        type=int,
-        help="sends handed over at once; more wait (env MAILSVC_MAX_IN_FLIGHT; default 256)",
-    )
-    parser.add_argument(
-        "--send-attempts",
-        type=int,
-        help="attempts per transport for transient failures (env MAILSVC_SEND_ATTEMPTS; default 3)",
-    )
-    parser.add_argument(
-        "--send-timeout",
-        type=float,
-        help="seconds a send may take when the caller sets no deadline "
-        "(env MAILSVC_SEND_TIMEOUT; default 60)",
-    )
-    parser.add_argument(
-        "--metrics-listen",
-        help="host:port for Prometheus /metrics (env MAILSVC_METRICS_LISTEN; off when empty)",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["text", "json"],
-        help="log lines as text or one JSON object each (env MAILSVC_LOG_FORMAT; default text)",
-    )
-    parser.add_argument("--tls-cert", help="server certificate chain, PEM (env MAILSVC_TLS_CERT)")
-    parser.add_argument("--tls-key", help="server private key, PEM (env MAILSVC_TLS_KEY)")
-    parser.add_argument(
-        "--tls-client-ca",
-        help="require client certificates signed by this CA, PEM (env MAILSVC_TLS_CLIENT_CA)",
-    )
-    parser.add_argument(
-        "--reload-interval",
-        type=float,
-        help="seconds between checks of settings.json for outside edits; 0 = never "
-        "(env MAILSVC_RELOAD_INTERVAL; default 2)",
-    )
-    parser.add_argument(
-        "--shutdown-grace",
-        type=float,
-        help="seconds in-flight calls get to finish on SIGTERM (env MAILSVC_SHUTDOWN_GRACE; "
-        "default 30)",
-    )
-    for flag, kind, help in _QUEUE_FLAGS:
-        env = "MAILSVC_" + flag.upper().replace("-", "_")
-        parser.add_argument(f"--{flag}", type=kind, help=f"{help} (env {env})")
+    for opt in _options():
+        _add(parser, opt)
 
 
-_QUEUE_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("queue-workers", int, "background delivery attempts in flight at once; default 16"),
-    ("queue-retry-initial", float, "seconds before the first retry of a queued mail; default 30"),
-    ("queue-retry-max", float, "longest wait between retries of a queued mail; default 1800"),
-    ("queue-max-age", float, "seconds after its send time a queued mail fails; default 86400"),
-    ("queue-lease", float, "seconds an attempt holds its mail before another may; default 60"),
-    (
-        "message-retention",
-        float,
-        "seconds records are kept after their last change; default 604800",
-    ),
-)
-
-
-def _pick(arg: object, environ: Mapping[str, str], name: str) -> str | None:
-    if arg is not None:
-        return str(arg)
-    value = environ.get(name)
-    return value if value else None
+def _value(opt: _Option, arg: object, environ: Mapping[str, str]) -> Any:
+    """The flag, else its env twin, else the default; an empty value counts as unset."""
+    if opt.kind is bool:
+        return bool(arg) if arg is not None else env_flag(environ.get(opt.env))
+    raw = str(arg) if arg is not None else environ.get(opt.env, "")
+    if not raw:
+        return opt.field.default
+    value: Any = int(float(raw)) if opt.kind is int else opt.kind(raw)
+    minimum = opt.field.metadata["minimum"]
+    if minimum is not None:
+        value = max(minimum, value)
+    choices = opt.field.metadata["choices"]
+    if choices and value not in choices:
+        what = opt.field.name.replace("_", " ")
+        raise ConfigError(f"{what} must be {' or '.join(choices)}, not {value!r}")
+    return value
 
 
 def data_dir_and_secret(
     args: argparse.Namespace, environ: Mapping[str, str]
 ) -> tuple[Path, Path | None]:
-    data_dir = Path(_pick(args.data_dir, environ, "MAILSVC_DATA_DIR") or "data")
-    secret_file = _pick(args.jwt_secret_file, environ, "MAILSVC_JWT_SECRET_FILE")
-    return data_dir, Path(secret_file) if secret_file else None
+    values = {
+        opt.field.name: _value(opt, getattr(args, opt.field.name), environ)
+        for opt in _options()
+        if opt.field.metadata["common"]
+    }
+    return values["data_dir"], values["jwt_secret_file"]
 
 
 def config_from(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
     """Build the serve configuration: flags win over their env twins, then the defaults."""
-    data_dir, secret_file = data_dir_and_secret(args, environ)
-    dev = args.dev if args.dev is not None else env_flag(environ.get("MAILSVC_DEV"))
-
-    def number(arg: object, name: str, default: float) -> float:
-        value = _pick(arg, environ, name)
-        return float(value) if value else default
-
-    def path(arg: object, name: str) -> Path | None:
-        value = _pick(arg, environ, name)
-        return Path(value) if value else None
-
     config = Config(
-        listen=_pick(args.listen, environ, "MAILSVC_LISTEN") or Config.listen,
-        data_dir=data_dir,
-        default_from=_pick(args.default_from, environ, "MAILSVC_DEFAULT_FROM")
-        or Config.default_from,
-        jwt_secret_file=secret_file,
-        mailgun_base_url=_pick(args.mailgun_base_url, environ, "MAILSVC_MAILGUN_BASE_URL"),
-        dev=bool(dev),
-        max_message_bytes=int(
-            number(args.max_message_bytes, "MAILSVC_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES)
-        ),
-        smtp_pool_size=int(number(args.smtp_pool_size, "MAILSVC_SMTP_POOL_SIZE", 4)),
-        max_in_flight=max(1, int(number(args.max_in_flight, "MAILSVC_MAX_IN_FLIGHT", 256))),
-        send_attempts=max(1, int(number(args.send_attempts, "MAILSVC_SEND_ATTEMPTS", 3))),
-        send_timeout=number(args.send_timeout, "MAILSVC_SEND_TIMEOUT", 60.0),
-        grace_seconds=number(args.shutdown_grace, "MAILSVC_SHUTDOWN_GRACE", 30.0),
-        metrics_listen=_pick(args.metrics_listen, environ, "MAILSVC_METRICS_LISTEN") or "",
-        log_format=_pick(args.log_format, environ, "MAILSVC_LOG_FORMAT") or "text",
-        tls_cert=path(args.tls_cert, "MAILSVC_TLS_CERT"),
-        tls_key=path(args.tls_key, "MAILSVC_TLS_KEY"),
-        tls_client_ca=path(args.tls_client_ca, "MAILSVC_TLS_CLIENT_CA"),
-        reload_interval=number(args.reload_interval, "MAILSVC_RELOAD_INTERVAL", 2.0),
-        queue_workers=max(1, int(number(args.queue_workers, "MAILSVC_QUEUE_WORKERS", 16))),
-        queue_retry_initial=number(args.queue_retry_initial, "MAILSVC_QUEUE_RETRY_INITIAL", 30.0),
-        queue_retry_max=number(args.queue_retry_max, "MAILSVC_QUEUE_RETRY_MAX", 1800.0),
-        queue_max_age=number(args.queue_max_age, "MAILSVC_QUEUE_MAX_AGE", 86400.0),
-        queue_lease=number(args.queue_lease, "MAILSVC_QUEUE_LEASE", 60.0),
-        message_retention=number(args.message_retention, "MAILSVC_MESSAGE_RETENTION", 604800.0),
+        **{
+            opt.field.name: _value(opt, getattr(args, opt.field.name), environ)
+            for opt in _options()
+        }
     )
-    if config.log_format not in ("text", "json"):
-        raise ConfigError(f"log format must be text or json, not {config.log_format!r}")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if config.tls_client_ca and not config.tls_cert:

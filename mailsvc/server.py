@@ -216,6 +216,9 @@ async def _reload_forever(store: SettingsStore, metrics: Metrics, interval: floa
         except SettingsFileError as exc:
             metrics.settings_reloads.labels("invalid").inc()
             log.error("settings file edit ignored, the last good settings keep serving: %s", exc)
+        except Exception:  # whatever it was, the reload must go on for the next edit
+            metrics.settings_reloads.labels("error").inc()
+            log.exception("settings reload failed; the last good settings keep serving")
 
 
 async def _queue_gauges_forever(metrics: Metrics, storage: Storage) -> None:

@@ -9,6 +9,8 @@ import hashlib
 import os
 import re
 import secrets
+import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,15 @@ from mailsvc.templates import CompiledTemplate, TemplateEngine
 from mailsvc.v1.settings_pb2 import MailSettings, SettingsAcl
 
 M = TypeVar("M", bound=Message)
+
+
+SETTINGS_FILE = "settings.json"
+ACL_FILE = "acl.json"
+LOCK_FILE = ".settings.lock"
+
+
+class WriteCancelled(Exception):
+    """The caller went away before the write began; nothing was written."""
 
 
 class SettingsFileError(Exception):
@@ -40,14 +51,15 @@ class Snapshot:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # mkstemp: a fresh name opened with O_CREAT|O_EXCL (mode 0600), so a planted file or
+    # symlink can neither receive the data nor be followed.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -99,9 +111,9 @@ class SettingsStore:
     """Reads are from memory; writes are serialized in-process and across processes."""
 
     def __init__(self, data_dir: Path, engine: TemplateEngine) -> None:
-        self._settings_path = data_dir / "settings.json"
-        self._acl_path = data_dir / "acl.json"
-        self._lock_path = data_dir / ".settings.lock"
+        self._settings_path = data_dir / SETTINGS_FILE
+        self._acl_path = data_dir / ACL_FILE
+        self._lock_path = data_dir / LOCK_FILE
         self._engine = engine
         self._lock = asyncio.Lock()
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -165,15 +177,39 @@ class SettingsStore:
         self._snapshot = snapshot
         return snapshot
 
+    async def _commit(self, write: Callable[[threading.Event], Snapshot]) -> Snapshot:
+        """Run `write` in a thread and publish its snapshot. Once the file is written, memory
+        is published too even if the caller is cancelled meanwhile (the work is shielded); a
+        caller cancelled before the write began gets nothing written."""
+        cancelled = threading.Event()
+
+        async def run() -> Snapshot:
+            async with self._lock:
+                if cancelled.is_set():
+                    raise WriteCancelled
+                return self._publish(await asyncio.to_thread(write, cancelled))
+
+        task = asyncio.ensure_future(run())
+        # Retrieve the outcome even when nobody awaits it any more.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
     async def update(
         self, change: Callable[[MailSettings], MailSettings], etag: str = ""
     ) -> Snapshot:
         """Apply `change` to the current settings if `etag` (when given) is current; persist."""
-        async with self._lock:
-            snapshot = await asyncio.to_thread(self._update_locked, change, etag)
-            return self._publish(snapshot)
+        return await self._commit(lambda cancelled: self._update_locked(change, etag, cancelled))
 
-    def _update_locked(self, change: Callable[[MailSettings], MailSettings], etag: str) -> Snapshot:
+    def _update_locked(
+        self,
+        change: Callable[[MailSettings], MailSettings],
+        etag: str,
+        cancelled: threading.Event,
+    ) -> Snapshot:
         with self._file_lock():
             current = self._current()
             if etag and etag != current.etag:
@@ -185,6 +221,8 @@ class SettingsStore:
             stored = rules.for_storage(new)
             stored.etag = secrets.token_hex(8)
             data = _to_json(stored)
+            if cancelled.is_set():
+                raise WriteCancelled
             _atomic_write(self._settings_path, data)
             self._stamp = self._disk_stamp()
             stored.ClearField("etag")
@@ -209,13 +247,13 @@ class SettingsStore:
             return True
 
     async def update_acl(self, acl: SettingsAcl) -> Snapshot:
-        async with self._lock:
+        def write(cancelled: threading.Event) -> Snapshot:
+            with self._file_lock():
+                current = self._current()
+                if cancelled.is_set():
+                    raise WriteCancelled
+                _atomic_write(self._acl_path, _to_json(acl))
+                self._stamp = self._disk_stamp()
+                return Snapshot(current.settings, current.etag, acl, current.templates)
 
-            def write() -> Snapshot:
-                with self._file_lock():
-                    current = self._current()
-                    _atomic_write(self._acl_path, _to_json(acl))
-                    self._stamp = self._disk_stamp()
-                    return Snapshot(current.settings, current.etag, acl, current.templates)
-
-            return self._publish(await asyncio.to_thread(write))
+        return await self._commit(write)

@@ -134,3 +134,33 @@ def test_no_transport_is_failed_precondition(server: Server) -> None:
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
     assert info["reason"] == "NO_TRANSPORT", info
     assert "transport" in err.details().lower()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        pytest.param(
+            {"to": [f"r{i}@example.com" for i in range(600)], "cc": ["c@example.com"] * 401},
+            "to",
+            id="1001-recipients",
+        ),
+        pytest.param(
+            {"attachments": [mail_pb2.Attachment(filename=f"{i}.txt") for i in range(101)]},
+            "attachments",
+            id="101-attachments",
+        ),
+    ],
+)
+def test_too_many_recipients_or_attachments_is_one_clear_violation(
+    shared_server: Server, shared_sink: SmtpSink, fields: dict[str, Any], field: str
+) -> None:
+    before = len(shared_sink.received)
+    request = {**VALID, **fields}
+
+    err = send_fails(shared_server, **request)
+
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    violations = details(err)["violations"]
+    assert list(violations) == [field], violations
+    assert "at most" in violations[field]
+    assert len(shared_sink.received) == before

@@ -21,7 +21,7 @@ def stub(server: Server) -> Any:
     return suppression_pb2_grpc.SuppressionServiceStub(server.channel)
 
 
-def suppress(server: Server, address: str, reason: int = R.SUPPRESSION_REASON_MANUAL) -> Any:
+def suppress(server: Server, address: str, reason: Any = R.SUPPRESSION_REASON_MANUAL) -> Any:
     entry = suppression_pb2.Suppression(address=address, reason=reason, detail="test")
     return stub(server).AddSuppression(
         suppression_pb2.AddSuppressionRequest(suppression=entry), metadata=ADMIN, timeout=10

@@ -828,11 +828,13 @@ def test_broken_template_by_mask_is_refused(shared_server: Server, sink: SmtpSin
 # --- hostile templates ---------------------------------------------------------------------------
 
 # Which defence stops each hostile template: SAVE, the checks when the template is stored
-# (INVALID_ARGUMENT naming the field, nothing written), or RENDER, the sandbox when it runs
-# (FAILED_PRECONDITION TEMPLATE_UNSAFE, fast, for SendTemplatedMail and RenderTemplate alike).
-# A case that the store learns to refuse moves from RENDER to SAVE here.
+# (INVALID_ARGUMENT naming the field, nothing written); RENDER, the sandbox refusing an unsafe
+# access when it runs (FAILED_PRECONDITION TEMPLATE_UNSAFE); or BOUND, a size, step or time
+# bound hit while it runs (INVALID_ARGUMENT naming the template's field). Both run-time
+# defences are fast and hold for SendTemplatedMail and RenderTemplate alike.
 SAVE = "save"
 RENDER = "render"
+BOUND = "bound"
 
 # Templates that reach for Python internals.
 PRYING = [
@@ -855,20 +857,20 @@ GREEDY = [
     pytest.param(
         "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
         {},
-        RENDER,
+        BOUND,
         id="nested-range-loops",
     ),
-    pytest.param("{% for i in range(100000000) %}x{% endfor %}", {}, RENDER, id="long-range-loop"),
-    pytest.param("{{ 'x' * 100000000 }}", {}, RENDER, id="repeat-string"),
-    pytest.param("{{ s * 100000000 }}", {"s": "string"}, RENDER, id="repeat-param"),
-    pytest.param("{{ 9 ** 999999999 }}", {}, RENDER, id="huge-power"),
-    pytest.param("{{ ((((9 ** 64) ** 64) ** 64) ** 64) ** 64 }}", {}, RENDER, id="chained-powers"),
+    pytest.param("{% for i in range(100000000) %}x{% endfor %}", {}, BOUND, id="long-range-loop"),
+    pytest.param("{{ 'x' * 100000000 }}", {}, BOUND, id="repeat-string"),
+    pytest.param("{{ s * 100000000 }}", {"s": "string"}, BOUND, id="repeat-param"),
+    pytest.param("{{ 9 ** 999999999 }}", {}, BOUND, id="huge-power"),
+    pytest.param("{{ ((((9 ** 64) ** 64) ** 64) ** 64) ** 64 }}", {}, BOUND, id="chained-powers"),
     # No range() and no output: only the parameters' size bounds the work (8 * 10**9 steps).
     pytest.param(
         "{% for a in xs %}{% for b in xs %}{% for c in xs %}{% endfor %}{% endfor %}{% endfor %}"
         "done",
         {"xs": "array"},
-        RENDER,
+        BOUND,
         id="nested-parameter-loops",
     ),
 ]
@@ -924,7 +926,11 @@ def test_hostile_template_is_stopped_at_its_stage(
             with pytest.raises(grpc.RpcError) as caught:
                 call(server, "evil", params, timeout=20)
             assert time.monotonic() - started < 20
-            assert_error(caught.value, grpc.StatusCode.FAILED_PRECONDITION, "TEMPLATE_UNSAFE")
+            if stage == RENDER:
+                assert_error(caught.value, grpc.StatusCode.FAILED_PRECONDITION, "TEMPLATE_UNSAFE")
+            else:
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert f"settings.templates.evil.{field}" in details(caught.value)["violations"]
             assert_clean(caught.value)
 
     # The server is still there and still sends.

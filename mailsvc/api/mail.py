@@ -172,13 +172,11 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         )
         return await self._send_one("SendMail", request, Outgoing(mail=mail), snapshot, context)
 
-    def _templated(
-        self,
-        snapshot: Snapshot,
-        request: pb.SendTemplatedMailRequest | pb.RenderTemplateRequest,
+    async def _templated(
+        self, snapshot: Snapshot, request: pb.SendTemplatedMailRequest | pb.RenderTemplateRequest
     ) -> Mail:
         template = template_for(snapshot, request.template_name, current_call().principal)
-        return compose_templated(
+        return await compose_templated(
             snapshot,
             self._config,
             template,
@@ -192,14 +190,14 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         self, request: pb.SendTemplatedMailRequest, context: grpc.aio.ServicerContext
     ) -> pb.SendMailResponse:
         snapshot = self._store.snapshot
-        mail = self._templated(snapshot, request)
+        mail = await self._templated(snapshot, request)
         outgoing = Outgoing(mail=mail, template_name=request.template_name)
         return await self._send_one("SendTemplatedMail", request, outgoing, snapshot, context)
 
     async def RenderTemplate(
         self, request: pb.RenderTemplateRequest, context: grpc.aio.ServicerContext
     ) -> pb.RenderedMail:
-        mail = self._templated(self._store.snapshot, request)
+        mail = await self._templated(self._store.snapshot, request)
         return pb.RenderedMail(
             from_address=str(mail.sender),
             to=[str(a) for a in mail.to],
@@ -225,7 +223,7 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         violations: list[FieldViolation] = []
         for i, entry in enumerate(request.entries):
             try:
-                mail = compose_templated(
+                mail = await compose_templated(
                     snapshot,
                     self._config,
                     template,
