@@ -171,7 +171,9 @@ def _wire(
         on_finish=attempt_recorder(metrics),
     )
     sender.wake = workers.wake
-    interceptor = RpcInterceptor(TokenVerifier(secret), metrics)
+    interceptor = RpcInterceptor(
+        TokenVerifier(secret), metrics, max_request_memory=config.max_request_memory
+    )
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=_options(config),

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from mailsvc.v1 import mail_pb2, settings_pb2
 
-from tests.conftest import Server, SmtpSink, details, smtp_settings
+from tests.conftest import ADMIN, Server, SmtpSink, details, smtp_settings
 from tests.helpers import ServerFactory, SmtpFactory, send, send_fails
 
 SENDER = "sender@example.com"
@@ -164,3 +164,27 @@ def test_too_many_recipients_or_attachments_is_one_clear_violation(
     assert list(violations) == [field], violations
     assert "at most" in violations[field]
     assert len(shared_sink.received) == before
+
+
+def test_requests_held_at_once_are_bounded_by_max_request_memory(
+    server_factory: ServerFactory, smtp_factory: SmtpFactory
+) -> None:
+    """While slow sends hold 3 MB requests, a fourth that would pass the 8 MB budget is refused
+    at once instead of being kept in memory; once they are done, it goes through."""
+    sink = smtp_factory(delay=2.0)
+    server = server_factory("--max-request-memory", str(8 * 1024 * 1024))
+    server.put_settings(settings_pb2.MailSettings(default_from=SENDER, smtp=smtp_settings(sink)))
+    payload = attachment(filename="big.bin", content=bytes(3 * 1024 * 1024))
+    request = mail_pb2.SendMailRequest(**VALID, attachments=[payload])
+    held = [server.mail.SendMail.future(request, metadata=ADMIN, timeout=30) for _ in range(2)]
+    sink.wait_data(2)
+
+    err = send_fails(server, request)
+
+    info = details(err)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert info["reason"] == "TOO_MUCH_REQUEST_DATA_IN_FLIGHT", info
+    for call in held:
+        call.result()
+    send(server, request, timeout=30)
+    assert len(sink.wait_for(3)) == 3
