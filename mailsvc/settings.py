@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 
 from mailsvc.addresses import is_host_name, parse_address
 from mailsvc.errors import FieldViolation, InvalidArgument
+from mailsvc.limits import validate_rules
 from mailsvc.templates import LIST_FIELDS, CompiledTemplate, TemplateEngine
 from mailsvc.v1.settings_pb2 import MailSettings, MailTemplate
 
@@ -192,6 +193,7 @@ def check(
     for i, role in enumerate(settings.authorized_roles):
         if not role.strip():
             v.append(FieldViolation(f"settings.authorized_roles[{i}]", "must not be empty"))
+    v.extend(validate_rules(settings.rate_limits))
     compiled: dict[str, CompiledTemplate] = {}
     for name, template in sorted(settings.templates.items()):
         path = f"settings.templates.{name}"
