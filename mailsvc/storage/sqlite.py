@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -139,15 +140,29 @@ _RECORD_COLUMNS = (
 )
 
 
+_EMPTY = "[]"
+# A plain addr-spec, which getaddresses would return unchanged (checked against it by a test).
+_PLAIN = re.compile(r"[a-z0-9_%+-]+(?:\.[a-z0-9_%+-]+)*@[a-z0-9-]+(?:\.[a-z0-9-]+)*")
+
+
 def _addrs(values: Sequence[str]) -> str:
+    if not values:
+        return _EMPTY  # most cc, bcc and suppressed lists: no json.dumps per record
     return json.dumps(list(values), ensure_ascii=False, separators=(",", ":"))
+
+
+def _addr_list(text: str) -> tuple[str, ...]:
+    return () if text == _EMPTY else tuple(json.loads(text))
 
 
 def _index_addresses(values: Sequence[str]) -> set[str]:
     """Lower-cased forms a recipient filter may name: the addr-spec, and the text as given."""
     out = set()
     for value in values:
-        out.add(value.strip().lower())
+        given = value.strip().lower()
+        out.add(given)
+        if _PLAIN.fullmatch(given):
+            continue  # parsing would give `given` again (the usual case)
         for _, addr in getaddresses([value]):
             if addr:
                 out.add(addr.lower())
@@ -159,9 +174,9 @@ def _record(row: sqlite3.Row | tuple[Any, ...], events: tuple[Event, ...] = ()) 
         id=row[1],
         caller=row[2],
         status=Status(row[3]),
-        to=tuple(json.loads(row[4])),
-        cc=tuple(json.loads(row[5])),
-        bcc=tuple(json.loads(row[6])),
+        to=_addr_list(row[4]),
+        cc=_addr_list(row[5]),
+        bcc=_addr_list(row[6]),
         subject=row[7],
         template_name=row[8],
         transport=row[9],
@@ -173,7 +188,7 @@ def _record(row: sqlite3.Row | tuple[Any, ...], events: tuple[Event, ...] = ()) 
         attempts=row[16],
         last_error=row[17],
         last_error_reason=row[18],
-        suppressed=tuple(json.loads(row[19])),
+        suppressed=_addr_list(row[19]),
         events=events,
     )
 
