@@ -145,10 +145,14 @@ _EMPTY = "[]"
 _PLAIN = re.compile(r"[a-z0-9_%+-]+(?:\.[a-z0-9_%+-]+)*@[a-z0-9-]+(?:\.[a-z0-9-]+)*")
 
 
+# json.dumps with options builds an encoder per call: one, built once.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _addrs(values: Sequence[str]) -> str:
     if not values:
-        return _EMPTY  # most cc, bcc and suppressed lists: no json.dumps per record
-    return json.dumps(list(values), ensure_ascii=False, separators=(",", ":"))
+        return _EMPTY  # most cc, bcc and suppressed lists
+    return _ENCODE(list(values))
 
 
 def _addr_list(text: str) -> tuple[str, ...]:
