@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parseaddr
 from functools import lru_cache
@@ -29,7 +29,7 @@ class MailRequest:
     text: str = ""
     html: str = ""
     reply_to: str = ""
-    attachments: Iterable[tuple[str, str, bytes, str]] = ()
+    attachments: Sequence[tuple[str, str, bytes, str]] = ()
     sender: Address | str = ""
 
 
@@ -44,8 +44,30 @@ def _configured_sender(value: str) -> Address:
     return Address(name, addr or value)
 
 
+MAX_RECIPIENTS = 1000  # to, cc and bcc together
+MAX_ATTACHMENTS = 100
+
+
+def _check_counts(request: MailRequest) -> None:
+    """Refuse oversized lists before any of their items is parsed."""
+    v: list[FieldViolation] = []
+    count = len(request.to) + len(request.cc) + len(request.bcc)
+    if count > MAX_RECIPIENTS:
+        v.append(
+            FieldViolation("to", f"{count} recipients in to, cc and bcc; at most {MAX_RECIPIENTS}")
+        )
+    if len(request.attachments) > MAX_ATTACHMENTS:
+        v.append(
+            FieldViolation(
+                "attachments", f"{len(request.attachments)} attachments; at most {MAX_ATTACHMENTS}"
+            )
+        )
+    raise_if(v)
+
+
 def check_mail(request: MailRequest) -> Mail:
     """Validate every field; all bad fields are reported together, nothing is sent."""
+    _check_counts(request)
     v: list[FieldViolation] = []
     to = parse_addresses(request.to, "to", v)
     cc = parse_addresses(request.cc, "cc", v)

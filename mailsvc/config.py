@@ -69,6 +69,14 @@ class Config:
         default=DEFAULT_MAX_MESSAGE_BYTES,
         metadata=meta("largest message accepted, in bytes", shown_default="10 MiB"),
     )
+    max_request_memory: int = field(
+        default=256 * 1024 * 1024,
+        metadata=meta(
+            "bytes all requests being handled may hold together; more are refused",
+            shown_default="256 MiB",
+            minimum=1,
+        ),
+    )
     smtp_pool_size: int = field(
         default=4, metadata=meta("reused SMTP connections per server; 0 = one per mail")
     )

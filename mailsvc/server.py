@@ -131,7 +131,9 @@ def _wire(
     storage: Storage,
 ) -> Running:
     idempotency = IdempotencyStore(storage)
-    interceptor = RpcInterceptor(TokenVerifier(secret), metrics)
+    interceptor = RpcInterceptor(
+        TokenVerifier(secret), metrics, max_request_memory=config.max_request_memory
+    )
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=_options(config),

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from mailsvc.v1 import mail_pb2, settings_pb2
 
-from tests.conftest import Server, SmtpSink, details, smtp_settings
+from tests.conftest import ADMIN, Server, SmtpSink, details, smtp_settings
 from tests.helpers import ServerFactory, SmtpFactory, send, send_fails
 
 SENDER = "sender@example.com"
@@ -134,3 +134,57 @@ def test_no_transport_is_failed_precondition(server: Server) -> None:
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
     assert info["reason"] == "NO_TRANSPORT", info
     assert "transport" in err.details().lower()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        pytest.param(
+            {"to": [f"r{i}@example.com" for i in range(600)], "cc": ["c@example.com"] * 401},
+            "to",
+            id="1001-recipients",
+        ),
+        pytest.param(
+            {"attachments": [mail_pb2.Attachment(filename=f"{i}.txt") for i in range(101)]},
+            "attachments",
+            id="101-attachments",
+        ),
+    ],
+)
+def test_too_many_recipients_or_attachments_is_one_clear_violation(
+    shared_server: Server, shared_sink: SmtpSink, fields: dict[str, Any], field: str
+) -> None:
+    before = len(shared_sink.received)
+    request = {**VALID, **fields}
+
+    err = send_fails(shared_server, **request)
+
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    violations = details(err)["violations"]
+    assert list(violations) == [field], violations
+    assert "at most" in violations[field]
+    assert len(shared_sink.received) == before
+
+
+def test_requests_held_at_once_are_bounded_by_max_request_memory(
+    server_factory: ServerFactory, smtp_factory: SmtpFactory
+) -> None:
+    """While slow sends hold 3 MB requests, a fourth that would pass the 8 MB budget is refused
+    at once instead of being kept in memory; once they are done, it goes through."""
+    sink = smtp_factory(delay=2.0)
+    server = server_factory("--max-request-memory", str(8 * 1024 * 1024))
+    server.put_settings(settings_pb2.MailSettings(default_from=SENDER, smtp=smtp_settings(sink)))
+    payload = attachment(filename="big.bin", content=bytes(3 * 1024 * 1024))
+    request = mail_pb2.SendMailRequest(**VALID, attachments=[payload])
+    held = [server.mail.SendMail.future(request, metadata=ADMIN, timeout=30) for _ in range(2)]
+    sink.wait_data(2)
+
+    err = send_fails(server, request)
+
+    info = details(err)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+    assert info["reason"] == "TOO_MUCH_REQUEST_DATA_IN_FLIGHT", info
+    for call in held:
+        call.result()
+    send(server, request, timeout=30)
+    assert len(sink.wait_for(3)) == 3

@@ -14,7 +14,7 @@ import grpc
 from mailsvc.api.callstate import CallInfo, current_call, set_call
 from mailsvc.api.status import internal_status, to_status
 from mailsvc.auth import TokenVerifier
-from mailsvc.errors import MailsvcError, Unavailable
+from mailsvc.errors import MailsvcError, ResourceExhausted, Unavailable
 from mailsvc.metrics import Metrics
 
 log = logging.getLogger("mailsvc.access")
@@ -32,10 +32,32 @@ def _authorization(metadata: Any) -> str | None:
     return None
 
 
+class RequestBudget:
+    """Bounds the bytes that requests being handled hold together (one always fits)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        if self.held and self.held + size > self.limit:
+            raise ResourceExhausted(
+                "the server holds too many large requests right now; retry later",
+                reason="TOO_MUCH_REQUEST_DATA_IN_FLIGHT",
+            )
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
 class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, verifier: TokenVerifier, metrics: Metrics) -> None:
+    def __init__(
+        self, verifier: TokenVerifier, metrics: Metrics, *, max_request_memory: int = 1 << 62
+    ) -> None:
         self._verifier = verifier
         self._metrics = metrics
+        self._budget = RequestBudget(max_request_memory)
         self.draining = False  # set at shutdown: calls not yet started are refused
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, Done]] = {}
 
@@ -73,7 +95,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            inner = _unary_response(handler.unary_unary, method, done)
+            inner = _unary_response(handler.unary_unary, method, done, self._budget)
             return grpc.unary_unary_rpc_method_handler(inner, **codecs), done
         if handler.stream_unary is not None:
             inner = _unary_response(handler.stream_unary, method, done)
@@ -137,11 +159,18 @@ def _code(exc: Exception) -> str:
     return exc.code if isinstance(exc, MailsvcError) else "INTERNAL"
 
 
-def _unary_response(inner: Handler, method: str, done: Done) -> Handler:
+def _unary_response(
+    inner: Handler, method: str, done: Done, budget: RequestBudget | None = None
+) -> Handler:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         info = current_call()
         code = "OK"
+        size = 0
         try:
+            if budget is not None:
+                need = request.ByteSize()
+                budget.take(need)
+                size = need
             return await inner(request, context)
         except _CANCELLED:
             code = "CANCELLED"
@@ -150,6 +179,8 @@ def _unary_response(inner: Handler, method: str, done: Done) -> Handler:
             code = _code(exc)
             await _abort(context, exc, method)
         finally:
+            if budget is not None and size:
+                budget.give(size)
             done(info, code, info.start)
 
     return call
