@@ -63,6 +63,19 @@ class Metrics:
             registry=r,
         )
 
+        self.webhook_requests = Counter(
+            "mailsvc_webhook_requests",
+            "Mailgun webhook calls answered, by outcome (ok, unauthorized, replayed, ...)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_events = Counter(
+            "mailsvc_webhook_events",
+            "Mailgun events taken (signed, new, well-formed), by type",
+            ["type"],
+            registry=r,
+        )
+
     def track_pool(self, in_use: Callable[[], float]) -> None:
         self.smtp_pool_in_use.set_function(in_use)
 

@@ -27,6 +27,8 @@ from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
 from mailsvc.store import SettingsFileError, SettingsStore
 from mailsvc.templates import TemplateEngine
 from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2, settings_pb2_grpc
+from mailsvc.webhooks import PATH as WEBHOOK_PATH
+from mailsvc.webhooks import MailgunWebhook, StoreApplier, WebhookServer, make_app
 
 log = logging.getLogger(__name__)
 SETTLE_SECONDS = 0.5
@@ -171,6 +173,25 @@ async def _reload_forever(store: SettingsStore, metrics: Metrics, interval: floa
             log.exception("settings reload failed; the last good settings keep serving")
 
 
+async def _start_webhooks(config: Config, running: Running) -> WebhookServer:
+    """Mailgun's webhooks on --webhook-listen; the signing key is read per call from the
+    settings in use, so a key stored now is used by the next call."""
+    metrics = running.metrics
+    handler = MailgunWebhook(
+        signing_key=lambda: running.store.snapshot.settings.mailgun.webhook_signing_key,
+        apply=StoreApplier(running.storage),
+        count_outcome=lambda outcome: metrics.webhook_requests.labels(outcome).inc(),
+        count_event=lambda kind: metrics.webhook_events.labels(kind).inc(),
+    )
+    host, _, port = config.webhook_listen.rpartition(":")
+    try:
+        return await WebhookServer.start(
+            make_app(handler), host.strip("[]") or "0.0.0.0", int(port)
+        )
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"cannot serve webhooks on {config.webhook_listen}") from exc
+
+
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
     """Run until SIGTERM or SIGINT, then refuse new work, drain in-flight calls and stop."""
     running = await build_server(config, environ)
@@ -181,6 +202,15 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         except (OSError, ValueError) as exc:
             raise ListenError(f"cannot serve metrics on {config.metrics_listen}") from exc
     await running.server.start()
+    webhooks = None
+    if config.webhook_listen:
+        try:
+            webhooks = await _start_webhooks(config, running)
+        except ListenError:
+            await running.server.stop(None)
+            await running.storage.aclose()
+            raise
+        log.info("mailgun webhooks on http://%s%s", config.webhook_listen, WEBHOOK_PATH)
     for name in ("", *SERVICES):
         await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -210,6 +240,8 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     # moment they are answered UNAVAILABLE instead, which clients know to retry.
     await asyncio.sleep(min(SETTLE_SECONDS, config.grace_seconds))
     await running.server.stop(config.grace_seconds)
+    if webhooks is not None:
+        await webhooks.aclose()
     await running.idempotency.aclose(timeout=config.grace_seconds)
     await running.mailer.aclose()
     await running.storage.aclose()

@@ -387,7 +387,11 @@ class WebhookServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         bound = runner.addresses[0][1]
         return cls(runner, int(bound))
 

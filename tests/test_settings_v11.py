@@ -182,9 +182,12 @@ def _rsa_511_bits() -> str:
 
 
 def _dkim(**fields: str) -> settings_pb2.MailSettings:
-    return settings_pb2.MailSettings(
-        smtp=settings_pb2.SmtpSettings(host="127.0.0.1", dkim=settings_pb2.DkimSettings(**fields))
+    dkim = settings_pb2.DkimSettings(
+        domain=fields.get("domain", ""),
+        selector=fields.get("selector", ""),
+        private_key=fields.get("private_key", ""),
     )
+    return settings_pb2.MailSettings(smtp=settings_pb2.SmtpSettings(host="127.0.0.1", dkim=dkim))
 
 
 def test_dkim_validation(server: Server, rsa_pem: str) -> None:
