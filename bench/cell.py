@@ -7,7 +7,7 @@ import math
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from bench import procfs
@@ -32,7 +32,6 @@ class Cell:
     loadgen_cpu_us_per_call: float
     machine_busy_pct: float  # all cores, during the measured phase: others' load shows here
     delivered: int = 0  # successful calls, warm-up included: what the sink should have counted
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def percentile(ordered: list[float], q: float) -> float:

@@ -21,13 +21,8 @@ class Scenario:
     system: str
     scale: float = 1.0  # of the run's calls per cell, for scenarios that are slow by design
 
-    @property
-    def is_mailsvc(self) -> bool:
-        return self.system in SERVER_SYSTEMS
-
 
 SERVER_SYSTEMS = ("pooled", "per-mail", "mailgun")
-DOWNSTREAM = {"pooled": "sink", "per-mail": "sink", "mailgun": "standin"}
 
 # In the order of the table. Runs are grouped by system instead (see run.py).
 SCENARIOS = (

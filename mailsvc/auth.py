@@ -171,3 +171,8 @@ def require_template(principal: Principal, name: str, roles: Iterable[str]) -> N
 def can_see_all_messages(principal: Principal) -> bool:
     """admin and superadmin see every caller's messages; others only their own."""
     return principal.has_any((ADMIN,))
+
+
+def require_admin(principal: Principal, what: str) -> None:
+    """admin or superadmin (e.g. the suppression list)."""
+    _require(principal, (ADMIN,), what)

@@ -116,6 +116,24 @@ class Config:
         default=30.0,
         metadata=meta("seconds in-flight calls get to finish on SIGTERM", flag="shutdown-grace"),
     )
+    queue_workers: int = field(
+        default=16, metadata=meta("background delivery attempts in flight at once", minimum=1)
+    )
+    queue_retry_initial: float = field(
+        default=30.0, metadata=meta("seconds before the first retry of a queued mail")
+    )
+    queue_retry_max: float = field(
+        default=1800.0, metadata=meta("longest wait in seconds between retries of a queued mail")
+    )
+    queue_max_age: float = field(
+        default=86400.0, metadata=meta("seconds after its send time a queued mail is failed")
+    )
+    queue_lease: float = field(
+        default=60.0, metadata=meta("seconds an attempt holds its mail before another may take it")
+    )
+    message_retention: float = field(
+        default=604800.0, metadata=meta("seconds records are kept after their last change")
+    )
     smtp_timeout: float = 30.0  # not a flag
     # gRPC transport limits (not flags): streams per connection, calls in flight overall,
     # keepalive pings, and how long an idle connection is kept.

@@ -51,13 +51,16 @@ class IdempotencyStore:
         self._clock = clock
         self._inflight: dict[tuple[str, str], tuple[str, asyncio.Task[bytes]]] = {}
 
-    async def _execute(self, caller: str, key: str, call: Callable[[], Awaitable[bytes]]) -> bytes:
+    async def _execute(
+        self, caller: str, key: str, call: Callable[[], Awaitable[bytes]], recorded: bool
+    ) -> bytes:
         try:
             response = await call()
         except BaseException:
             await self._storage.idempotency_release(caller, key)
             raise
-        await self._storage.idempotency_complete(caller, key, response)
+        if not recorded:
+            await self._storage.idempotency_complete(caller, key, response)
         return response
 
     async def run(
@@ -66,11 +69,15 @@ class IdempotencyStore:
         key: str,
         fp: str,
         call: Callable[[], Awaitable[bytes]],
+        *,
+        recorded: bool = False,
     ) -> tuple[bytes, bool]:
         """The response for (caller, key), running `call` only if none is kept or in flight.
 
         Returns (response, replayed). The first call runs in its own task, so a caller that
-        goes away mid-send does not stop it from being recorded for the retry.
+        goes away mid-send does not stop it from being recorded for the retry. `recorded`:
+        `call` stores the response itself, in the transaction of its own writes
+        (Storage.insert(idempotency=...)), so a crash cannot keep the one without the other.
         """
         slot = (caller, key)
         while True:
@@ -95,7 +102,7 @@ class IdempotencyStore:
                 return entry.response, True
             # In flight: here (its task is about to be registered) or in another process.
             await asyncio.sleep(self._poll)
-        task = asyncio.create_task(self._execute(caller, key, call))
+        task = asyncio.create_task(self._execute(caller, key, call, recorded))
         self._inflight[slot] = (fp, task)
         task.add_done_callback(lambda t: self._forget(slot, t))
         return await asyncio.shield(task), False

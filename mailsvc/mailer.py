@@ -176,17 +176,19 @@ class Mailer:
         finally:
             self._in_flight.release()
 
-    async def send(self, snapshot: Snapshot, mail: Mail, *, timeout: float | None) -> Delivery:
+    async def send(
+        self, snapshot: Snapshot, mail: Mail, *, timeout: float | None, message_id: str = ""
+    ) -> Delivery:
         """Hand the mail to one transport, within the caller's deadline.
 
         Transient failures are retried with backoff; when they persist, the next configured
         transport is tried. A failure that may have delivered the mail is never retried.
         """
         with self._transports(snapshot) as transports:
-            return await self._send(transports, mail, timeout)
+            return await self._send(transports, mail, timeout, message_id)
 
     async def _send(
-        self, transports: list[Transport], mail: Mail, timeout: float | None
+        self, transports: list[Transport], mail: Mail, timeout: float | None, message_id: str
     ) -> Delivery:
         if not transports:
             raise FailedPrecondition("no mail transport configured", reason="NO_TRANSPORT")
@@ -195,7 +197,7 @@ class Mailer:
         async with self._slot(deadline):
             for i, transport in enumerate(transports):
                 try:
-                    delivery = await self._with_retries(transport, mail, deadline)
+                    delivery = await self._with_retries(transport, mail, deadline, message_id)
                 except MailsvcError as exc:
                     self._metrics.sends.labels(transport.name, exc.reason).inc()
                     if not exc.transient or i == len(transports) - 1:
@@ -212,7 +214,9 @@ class Mailer:
                     return delivery
         raise AssertionError("unreachable")
 
-    async def _with_retries(self, transport: Transport, mail: Mail, deadline: float) -> Delivery:
+    async def _with_retries(
+        self, transport: Transport, mail: Mail, deadline: float, message_id: str
+    ) -> Delivery:
         loop = asyncio.get_running_loop()
         attempts = self._config.send_attempts
         for attempt in range(attempts):
@@ -221,7 +225,7 @@ class Mailer:
                 raise DeadlineExceeded("the deadline passed before the mail could be handed over")
             try:
                 async with asyncio.timeout(remaining):
-                    return await transport.send(mail, timeout=remaining)
+                    return await transport.send(mail, timeout=remaining, message_id=message_id)
             except TimeoutError:
                 raise DeadlineExceeded(
                     "the mail could not be handed over before the deadline"

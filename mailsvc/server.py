@@ -4,29 +4,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mailsvc.api.interceptors import RpcInterceptor
 from mailsvc.api.mail import MailServicer
 from mailsvc.api.settings import SettingsServicer
+from mailsvc.api.suppressions import SuppressionServicer
 from mailsvc.auth import SUPERADMIN, TokenVerifier, load_secret, mint_token
 from mailsvc.config import Config
 from mailsvc.idempotency import IdempotencyStore
+from mailsvc.lifecycle import PageTokens, RetryPolicy, page_token_key
 from mailsvc.mailer import Mailer
-from mailsvc.metrics import Metrics
-from mailsvc.storage.base import Storage
+from mailsvc.metrics import Metrics, attempt_recorder, refresh_queue_gauges
+from mailsvc.queue import Attempt, QueueWorkers
+from mailsvc.sending import Sender
+from mailsvc.storage.base import Storage, StorageError
 from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
 from mailsvc.store import SettingsFileError, SettingsStore
 from mailsvc.templates import TemplateEngine
-from mailsvc.v1 import mail_pb2, mail_pb2_grpc, settings_pb2, settings_pb2_grpc
+from mailsvc.transports.base import Delivery
+from mailsvc.v1 import (
+    mail_pb2,
+    mail_pb2_grpc,
+    settings_pb2,
+    settings_pb2_grpc,
+    suppression_pb2,
+    suppression_pb2_grpc,
+)
 from mailsvc.webhooks import PATH as WEBHOOK_PATH
 from mailsvc.webhooks import MailgunWebhook, StoreApplier, WebhookServer, make_app
 
@@ -38,7 +55,9 @@ PROTOSET = "mailsvc.protoset"
 SERVICES = (
     mail_pb2.DESCRIPTOR.services_by_name["MailService"].full_name,
     settings_pb2.DESCRIPTOR.services_by_name["SettingsService"].full_name,
+    suppression_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name,
 )
+QUEUE_GAUGES_SECONDS = 5.0  # how often the queue's gauges are read from the store
 
 
 class ListenError(Exception):
@@ -55,6 +74,8 @@ class Running:
     storage: Storage
     idempotency: IdempotencyStore
     metrics: Metrics
+    mail: MailServicer
+    workers: QueueWorkers
 
 
 def _options(config: Config) -> list[tuple[str, int]]:
@@ -83,9 +104,22 @@ def reflection_pool() -> descriptor_pool.DescriptorPool | None:
     pool = descriptor_pool.DescriptorPool()
     for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
         pool.AddSerializedFile(file.SerializeToString())
-    for module in (health_pb2, reflection_pb2):
-        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    # Health, reflection, and the error details our statuses carry, so clients can decode them.
+    for module in (health_pb2, reflection_pb2, error_details_pb2, status_pb2):
+        _add_file(pool, module.DESCRIPTOR)
     return pool
+
+
+def _add_file(pool: descriptor_pool.DescriptorPool, file: Any) -> None:
+    """Add a file descriptor and, first, whatever it imports that the pool lacks."""
+    try:
+        pool.FindFileByName(file.name)
+        return
+    except KeyError:
+        pass
+    for dependency in file.dependencies:
+        _add_file(pool, dependency)
+    pool.AddSerializedFile(file.serialized_pb)
 
 
 def _bind(server: grpc.aio.Server, config: Config) -> None:
@@ -133,6 +167,27 @@ def _wire(
     storage: Storage,
 ) -> Running:
     idempotency = IdempotencyStore(storage)
+    tokens = PageTokens(page_token_key(secret))
+    sender = Sender(storage, mailer, metrics)
+
+    async def attempt(queued: Attempt) -> Delivery:
+        return await sender.attempt(queued, store.snapshot)
+
+    workers = QueueWorkers(
+        storage,
+        attempt,
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+        workers=config.queue_workers,
+        policy=RetryPolicy(
+            initial=config.queue_retry_initial,
+            maximum=config.queue_retry_max,
+            max_age=config.queue_max_age,
+        ),
+        lease=config.queue_lease,
+        retention=config.message_retention,
+        on_finish=attempt_recorder(metrics),
+    )
+    sender.wake = workers.wake
     interceptor = RpcInterceptor(
         TokenVerifier(secret), metrics, max_request_memory=config.max_request_memory
     )
@@ -141,9 +196,12 @@ def _wire(
         options=_options(config),
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
-    mail_servicer = MailServicer(config, store, mailer, idempotency, metrics)
+    mail_servicer = MailServicer(config, store, sender, storage, idempotency, metrics, tokens)
     mail_pb2_grpc.add_MailServiceServicer_to_server(mail_servicer, server)
     settings_pb2_grpc.add_SettingsServiceServicer_to_server(SettingsServicer(store), server)
+    suppression_pb2_grpc.add_SuppressionServiceServicer_to_server(
+        SuppressionServicer(storage, sender.suppressions, tokens), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -154,7 +212,16 @@ def _wire(
         token = mint_token(secret, [SUPERADMIN], "dev", ttl=None)
         print(f"dev mode: superadmin token: {token}", flush=True)
     return Running(
-        server, health_servicer, interceptor, store, mailer, storage, idempotency, metrics
+        server,
+        health_servicer,
+        interceptor,
+        store,
+        mailer,
+        storage,
+        idempotency,
+        metrics,
+        mail_servicer,
+        workers,
     )
 
 
@@ -192,6 +259,15 @@ async def _start_webhooks(config: Config, running: Running) -> WebhookServer:
         raise ListenError(f"cannot serve webhooks on {config.webhook_listen}") from exc
 
 
+async def _queue_gauges_forever(metrics: Metrics, storage: Storage) -> None:
+    while True:
+        try:
+            await refresh_queue_gauges(metrics, storage, now=time.time())
+        except StorageError as exc:
+            log.warning("queue metrics not refreshed: %s", exc)
+        await asyncio.sleep(QUEUE_GAUGES_SECONDS)
+
+
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
     """Run until SIGTERM or SIGINT, then refuse new work, drain in-flight calls and stop."""
     running = await build_server(config, environ)
@@ -223,7 +299,12 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running.workers.start()
     background: list[asyncio.Task[None]] = []
+    if metrics_server is not None:
+        background.append(
+            asyncio.create_task(_queue_gauges_forever(running.metrics, running.storage))
+        )
     if config.reload_interval > 0:
         background.append(
             asyncio.create_task(
@@ -236,10 +317,15 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         task.cancel()
     running.interceptor.draining = True
     await running.health.enter_graceful_shutdown()
+    running.mail.end_watches()
     # stop() cancels calls that arrived but were not handed to a handler yet; during this
     # moment they are answered UNAVAILABLE instead, which clients know to retry.
     await asyncio.sleep(min(SETTLE_SECONDS, config.grace_seconds))
-    await running.server.stop(config.grace_seconds)
+    # Queue work stops being claimed now; attempts in flight finish while calls drain.
+    await asyncio.gather(
+        running.server.stop(config.grace_seconds),
+        running.workers.aclose(config.grace_seconds),
+    )
     if webhooks is not None:
         await webhooks.aclose()
     await running.idempotency.aclose(timeout=config.grace_seconds)

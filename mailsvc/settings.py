@@ -198,7 +198,7 @@ def check(
     for i, role in enumerate(settings.authorized_roles):
         if not role.strip():
             v.append(FieldViolation(f"settings.authorized_roles[{i}]", "must not be empty"))
-    v.extend(validate_rules(settings.rate_limits, "settings"))
+    v.extend(validate_rules(settings.rate_limits))
     compiled: dict[str, CompiledTemplate] = {}
     for name, template in sorted(settings.templates.items()):
         path = f"settings.templates.{name}"

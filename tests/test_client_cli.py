@@ -387,15 +387,6 @@ def test_token_that_cannot_be_a_header_is_refused_without_echoing_it(server: Ser
 # --- TLS -------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def server_has_tls() -> None:
-    """Skip unless `mailsvc serve` takes --tls-cert (the server's TLS support)."""
-    result = cli("serve", "--help")
-    assert result.returncode == 0, result.stderr
-    if "--tls-cert" not in result.stdout:
-        pytest.skip("`mailsvc serve` has no --tls-cert yet")
-
-
 def start_tls_server(server_factory: ServerFactory, pki: Pki, *extra: str) -> Server:
     """A TLS server, waited for with `mailsvc health` over mTLS (the plaintext probe can't)."""
     server = server_factory(*pki.server_flags(), *extra, wait=False)
@@ -412,7 +403,6 @@ def start_tls_server(server_factory: ServerFactory, pki: Pki, *extra: str) -> Se
     return server
 
 
-@pytest.mark.usefixtures("server_has_tls")
 def test_client_commands_over_mutual_tls(
     server_factory: ServerFactory, pki: Pki, smtp_sink: SmtpSink, tmp_path: Path
 ) -> None:
@@ -436,7 +426,6 @@ def test_client_commands_over_mutual_tls(
         assert result.stderr.startswith("UNAVAILABLE: "), result.stderr
 
 
-@pytest.mark.usefixtures("server_has_tls")
 def test_tls_server_name_overrides_the_name_checked(
     server_factory: ServerFactory, pki: Pki
 ) -> None:

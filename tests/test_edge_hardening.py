@@ -64,6 +64,22 @@ def test_grpcurl_prints_json_names(server: Server, smtp_sink: SmtpSink) -> None:
     assert "Check" in described.stdout
 
 
+def test_grpcurl_decodes_error_details(server: Server) -> None:
+    """Reflection serves google.rpc's types, so grpcurl shows the field violations."""
+    token = make_token(["admin"], sub="grpcurl")
+    body = json.dumps({"to": ["not an address"], "subject": "hi", "text": "x"})
+    result = grpcurl(
+        "-plaintext",
+        *("-H", f"authorization: Bearer {token}", "-d", body),
+        server.address,
+        "mailsvc.v1.MailService/SendMail",
+    )
+    assert result.returncode != 0
+    assert "InvalidArgument" in result.stderr, result.stderr
+    assert "google.rpc.BadRequest" in result.stderr, result.stderr
+    assert '"field":"to[0]"' in result.stderr, result.stderr
+
+
 # --- large bodies are not read before the token is checked -----------------------------------
 
 

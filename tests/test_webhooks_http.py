@@ -13,7 +13,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,19 +222,21 @@ def test_events_we_do_not_track_are_ignored(webhook: Webhook) -> None:
 
 
 @pytest.mark.parametrize(
-    "sig",
+    "make",
     [
-        signature(key="another-key"),
-        {**signature(), "signature": "0" * 64},
-        {**signature(), "signature": "not hex"},
-        {**signature(), "token": "changed-token"},
-        {"timestamp": str(int(time.time())), "token": "t"},  # no signature
-        {},
+        lambda: signature(key="another-key"),
+        lambda: {**signature(), "signature": "0" * 64},
+        lambda: {**signature(), "signature": "not hex"},
+        lambda: {**signature(), "token": "changed-token"},
+        lambda: {"timestamp": str(int(time.time())), "token": "t"},  # no signature
+        lambda: {},
     ],
     ids=["other-key", "zeros", "not-hex", "token-changed", "no-signature", "empty"],
 )
-def test_bad_or_missing_signature_is_401(webhook: Webhook, sig: dict[str, str]) -> None:
-    r = webhook.post(body("complained", sig=sig))
+def test_bad_or_missing_signature_is_401(
+    webhook: Webhook, make: Callable[[], dict[str, str]]
+) -> None:
+    r = webhook.post(body("complained", sig=make()))  # fresh, so only the flaw is wrong
     assert r.status_code == 401
     assert webhook.store.events == [] and webhook.store.suppressions == []
     assert webhook.store.tokens == {}  # a forged request does not burn the token
@@ -317,24 +319,28 @@ def _without(payload: dict[str, Any], *path: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("payload", "named"),
+    ("make", "named"),
     [
-        ({"signature": signature()}, "event-data"),
-        ({"signature": signature(), "event-data": "delivered"}, "event-data"),
-        (_without(body("delivered"), "event"), "event-data.event"),
-        (body(""), "event-data.event"),
-        ({"signature": signature(), "event-data": {"event": 5}}, "event-data.event"),
-        (_without(body("failed", severity="permanent"), "recipient"), "event-data.recipient"),
-        (body("complained", recipient=" "), "event-data.recipient"),
-        (body("delivered", message="x"), "event-data.message"),
-        (body("delivered", message={"headers": {"message-id": 12}}), "message-id"),
-        (body("delivered", timestamp="yesterday"), "event-data.timestamp"),
+        (lambda: {"signature": signature()}, "event-data"),
+        (lambda: {"signature": signature(), "event-data": "delivered"}, "event-data"),
+        (lambda: _without(body("delivered"), "event"), "event-data.event"),
+        (lambda: body(""), "event-data.event"),
+        (lambda: {"signature": signature(), "event-data": {"event": 5}}, "event-data.event"),
+        (
+            lambda: _without(body("failed", severity="permanent"), "recipient"),
+            "event-data.recipient",
+        ),
+        (lambda: body("complained", recipient=" "), "event-data.recipient"),
+        (lambda: body("delivered", message="x"), "event-data.message"),
+        (lambda: body("delivered", message={"headers": {"message-id": 12}}), "message-id"),
+        (lambda: body("delivered", timestamp="yesterday"), "event-data.timestamp"),
     ],
 )
 def test_malformed_event_is_400_naming_the_field(
-    webhook: Webhook, payload: dict[str, Any], named: str
+    webhook: Webhook, make: Callable[[], dict[str, Any]], named: str
 ) -> None:
-    r = webhook.post(payload)
+    # Built when the test runs: a timestamp made at collection may be stale by then.
+    r = webhook.post(make())
     assert r.status_code == 400, r.text
     assert named in r.json()["message"]
     assert webhook.store.events == [] and webhook.store.suppressions == []

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from mailsvc.api.callstate import CallInfo, current_call, set_call
-from mailsvc.api.status import internal_status, to_status
+from mailsvc.api.status import domain_error, internal_status, to_status
 from mailsvc.auth import TokenVerifier
 from mailsvc.errors import MailsvcError, ResourceExhausted, Unavailable
 from mailsvc.metrics import Metrics
@@ -147,8 +147,11 @@ def _refusal(exc: MailsvcError, done: Done, start: float | None = None) -> Any:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
-    if isinstance(exc, MailsvcError):
-        status = to_status(exc)
+    error = domain_error(exc)
+    if error is not None:
+        if not isinstance(exc, MailsvcError):
+            log.error("%s failed: %s", method, exc)
+        status = to_status(error)
     else:
         log.error("unexpected error in %s", method, exc_info=exc)
         status = internal_status()
@@ -156,7 +159,8 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
 
 
 def _code(exc: Exception) -> str:
-    return exc.code if isinstance(exc, MailsvcError) else "INTERNAL"
+    error = domain_error(exc)
+    return error.code if error is not None else "INTERNAL"
 
 
 def _unary_response(

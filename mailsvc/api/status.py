@@ -12,8 +12,10 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from mailsvc.errors import FieldViolation, InvalidArgument, MailsvcError
+from mailsvc.errors import FieldViolation, InvalidArgument, MailsvcError, Unavailable
 from mailsvc.limits import QuotaExceeded
+from mailsvc.storage.base import StorageError
+from mailsvc.watch import FellBehind
 
 DOMAIN = "mailsvc"
 MAX_FIELD_CHARS = 100
@@ -50,6 +52,23 @@ def shown_violations(violations: list[FieldViolation]) -> list[FieldViolation]:
         field = shorten(violations[len(shown)].field, MAX_FIELD_CHARS)
         shown.append(FieldViolation(field, f"{left} more violations from here on are not listed"))
     return shown
+
+
+def domain_error(exc: BaseException) -> MailsvcError | None:
+    """Our error for `exc`: itself, or what a lower layer's failure means to a client; None
+    for anything else (a bug: INTERNAL)."""
+    if isinstance(exc, MailsvcError):
+        return exc
+    if isinstance(exc, FellBehind):
+        return Unavailable(
+            "the watch fell too far behind the changes; watch again", reason="WATCH_FELL_BEHIND"
+        )
+    if isinstance(exc, StorageError):
+        # The store's own words may name files or hosts: they go to the log, not the client.
+        return Unavailable(
+            "the message store is unavailable; try again later", reason="STORAGE_UNAVAILABLE"
+        )
+    return None
 
 
 def to_status(exc: MailsvcError) -> grpc.Status:

@@ -21,7 +21,10 @@ class Delivery:
 class Transport(Protocol):
     name: str
 
-    async def send(self, mail: Mail, *, timeout: float) -> Delivery: ...
+    async def send(self, mail: Mail, *, timeout: float, message_id: str = "") -> Delivery:
+        """`message_id`: the Message-ID header to use (every attempt of a queued mail reuses
+        one); empty = a new one."""
+        ...
 
     async def aclose(self) -> None: ...
 

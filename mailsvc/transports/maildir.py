@@ -29,8 +29,8 @@ class MaildirTransport:
             os.fsync(f.fileno())
         os.replace(tmp, self._outbox / name)
 
-    async def send(self, mail: Mail, *, timeout: float) -> Delivery:
-        message_id = new_message_id(mail.sender)
+    async def send(self, mail: Mail, *, timeout: float, message_id: str = "") -> Delivery:
+        message_id = message_id or new_message_id(mail.sender)
         raw = build_mime(mail, message_id)
         check_size(len(raw), self._max_bytes)
         await asyncio.to_thread(self._write, raw)

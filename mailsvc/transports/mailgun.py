@@ -154,12 +154,14 @@ class MailgunTransport:
         ]
         return data, files
 
-    async def send(self, mail: Mail, *, timeout: float) -> Delivery:
+    async def send(self, mail: Mail, *, timeout: float, message_id: str = "") -> Delivery:
         if self._url is None:
             assert self._url_error is not None
             raise self._url_error
         check_size(mail.estimated_size(), self._max_bytes)
         data, files = self._form(mail)
+        if message_id:
+            data["h:Message-Id"] = message_id
         try:
             response = await self._client.post(
                 self._url,

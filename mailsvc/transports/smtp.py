@@ -240,8 +240,8 @@ class SmtpTransport:
         except (aiosmtplib.SMTPException, OSError):
             conn.client.close()
 
-    async def send(self, mail: Mail, *, timeout: float) -> Delivery:
-        message_id = new_message_id(mail.sender)
+    async def send(self, mail: Mail, *, timeout: float, message_id: str = "") -> Delivery:
+        message_id = message_id or new_message_id(mail.sender)
         raw = build_mime(mail, message_id)
         if self._signer is not None:
             # Signed last, over the very bytes DATA sends.

@@ -1,0 +1,79 @@
+"""Proto <-> domain conversions of the message and suppression RPCs (no logic besides)."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mailsvc.sending import Accepted
+from mailsvc.storage.base import Event, MessageRecord, Status, Suppression
+from mailsvc.v1 import mail_pb2 as pb
+from mailsvc.v1 import suppression_pb2 as spb
+
+
+def status(value: Status) -> pb.MessageStatus:
+    return cast("pb.MessageStatus", int(value))
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def seconds(stamp: Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9
+
+
+def response(accepted: Accepted) -> pb.SendMailResponse:
+    out = pb.SendMailResponse(
+        id=accepted.id, status=status(accepted.status), suppressed=accepted.suppressed
+    )
+    delivery = accepted.delivery
+    if delivery is not None:
+        out.message_id = delivery.message_id
+        out.transport = delivery.transport
+        out.recipients.extend(delivery.recipients)
+    return out
+
+
+def event(e: Event) -> pb.MessageEvent:
+    return pb.MessageEvent(
+        message_id=e.message_id, time=timestamp(e.time), status=status(e.status), detail=e.detail
+    )
+
+
+def message(record: MessageRecord) -> pb.Message:
+    out = pb.Message(
+        id=record.id,
+        status=status(record.status),
+        caller=record.caller,
+        to=record.to,
+        cc=record.cc,
+        bcc=record.bcc,
+        subject=record.subject,
+        template_name=record.template_name,
+        transport=record.transport,
+        message_id=record.message_id,
+        create_time=timestamp(record.create_time),
+        send_time=timestamp(record.send_time),
+        update_time=timestamp(record.update_time),
+        attempts=record.attempts,
+        last_error=record.last_error,
+        last_error_reason=record.last_error_reason,
+        events=[event(e) for e in record.events],
+        suppressed=record.suppressed,
+    )
+    if record.next_attempt_time is not None:
+        out.next_attempt_time.CopyFrom(timestamp(record.next_attempt_time))
+    return out
+
+
+def suppression(entry: Suppression) -> spb.Suppression:
+    return spb.Suppression(
+        address=entry.address,
+        reason=entry.reason,  # type: ignore[arg-type]
+        create_time=timestamp(entry.create_time),
+        detail=entry.detail,
+    )
