@@ -76,6 +76,7 @@ class Running:
     metrics: Metrics
     mail: MailServicer
     workers: QueueWorkers
+    webhook: MailgunWebhook
 
 
 def _options(config: Config) -> list[tuple[str, int]]:
@@ -222,6 +223,7 @@ def _wire(
         metrics,
         mail_servicer,
         workers,
+        _webhook(store, storage, metrics, sender),
     )
 
 
@@ -240,20 +242,24 @@ async def _reload_forever(store: SettingsStore, metrics: Metrics, interval: floa
             log.exception("settings reload failed; the last good settings keep serving")
 
 
-async def _start_webhooks(config: Config, running: Running) -> WebhookServer:
-    """Mailgun's webhooks on --webhook-listen; the signing key is read per call from the
-    settings in use, so a key stored now is used by the next call."""
-    metrics = running.metrics
-    handler = MailgunWebhook(
-        signing_key=lambda: running.store.snapshot.settings.mailgun.webhook_signing_key,
-        apply=StoreApplier(running.storage),
+def _webhook(
+    store: SettingsStore, storage: Storage, metrics: Metrics, sender: Sender
+) -> MailgunWebhook:
+    """Mailgun's webhook handler; the signing key is read per call from the settings in use,
+    so a key stored now is used by the next call."""
+    return MailgunWebhook(
+        signing_key=lambda: store.snapshot.settings.mailgun.webhook_signing_key,
+        apply=StoreApplier(storage, on_suppressed=sender.suppressions.note_added),
         count_outcome=lambda outcome: metrics.webhook_requests.labels(outcome).inc(),
         count_event=lambda kind: metrics.webhook_events.labels(kind).inc(),
     )
+
+
+async def _start_webhooks(config: Config, running: Running) -> WebhookServer:
     host, _, port = config.webhook_listen.rpartition(":")
     try:
         return await WebhookServer.start(
-            make_app(handler), host.strip("[]") or "0.0.0.0", int(port)
+            make_app(running.webhook), host.strip("[]") or "0.0.0.0", int(port)
         )
     except (OSError, ValueError) as exc:
         raise ListenError(f"cannot serve webhooks on {config.webhook_listen}") from exc

@@ -212,10 +212,14 @@ class EventStore(Protocol):
 class StoreApplier:
     """Applies a call to the store: token, record and suppression in one transaction."""
 
-    __slots__ = ("_store",)
+    __slots__ = ("_on_suppressed", "_store")
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(
+        self, store: EventStore, *, on_suppressed: Callable[[], None] = lambda: None
+    ) -> None:
         self._store = store
+        # Tells this process's suppression cache at once (mailsvc.sending.SuppressionCache).
+        self._on_suppressed = on_suppressed
 
     async def __call__(
         self, token: str, event: MailgunEvent, action: Action | None, now: float
@@ -243,6 +247,8 @@ class StoreApplier:
         )
         if not fresh:
             return Applied.REPLAYED
+        if written is not None and suppression is not None:
+            self._on_suppressed()
         # Not one of ours (or purged): ignored, as the contract says.
         return Applied.APPLIED if written is not None else Applied.IGNORED
 

@@ -2,8 +2,8 @@
 
 Records of sent mails are put in the server's store (its SQLite file, through the store's own
 API) before it starts, as a synchronous send leaves them; what the webhook changed is read
-from that file read-only while the server runs. With the message lifecycle in place,
-`test_a_mail_sent_synchronously_is_tracked` does the same from a real send.
+from that file read-only while the server runs. `test_mails_sent_synchronously_are_tracked`
+does it from real sends, checked through GetMessage and the SuppressionService.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import grpc
 import httpx
 import pytest
 from google.protobuf import field_mask_pb2
-from mailsvc.v1 import mail_pb2, settings_pb2
+from mailsvc.v1 import mail_pb2, settings_pb2, suppression_pb2, suppression_pb2_grpc
 
 from mailsvc.storage.base import NewMessage, Status
 from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
@@ -35,9 +35,9 @@ from tests.conftest import (
     MailgunStandIn,
     Server,
     free_port,
-    wait_until,
+    smtp_settings,
 )
-from tests.helpers import ServerFactory, send
+from tests.helpers import ServerFactory, SmtpFactory, assert_error, send, send_fails
 
 KEY = "whsec-e2e-0123456789abcdef"
 PATH = "/webhooks/mailgun"
@@ -370,26 +370,69 @@ def test_the_webhook_port_is_configured_by_env(
     assert r.status_code == 401  # served, and no key stored
 
 
-def test_a_mail_sent_synchronously_is_tracked(
-    server_factory: ServerFactory, tmp_path: Path, mailgun: MailgunStandIn
+def get_message(server: Server, record_id: str) -> Any:
+    request = mail_pb2.GetMessageRequest(id=record_id)
+    return server.mail.GetMessage(request, metadata=SUPERADMIN, timeout=10)
+
+
+def listed_suppressions(server: Server) -> dict[str, int]:
+    stub = suppression_pb2_grpc.SuppressionServiceStub(server.channel)
+    reply = stub.ListSuppressions(
+        suppression_pb2.ListSuppressionsRequest(), metadata=SUPERADMIN, timeout=10
+    )
+    return {s.address: s.reason for s in reply.suppressions}
+
+
+def test_mails_sent_synchronously_are_tracked(
+    server_factory: ServerFactory,
+    tmp_path: Path,
+    mailgun: MailgunStandIn,
+    smtp_factory: SmtpFactory,
 ) -> None:
     hooks = start(server_factory, tmp_path, mailgun_url=mailgun.base_url)
-    try:
-        hooks.server.mail.GetMessage(
-            mail_pb2.GetMessageRequest(id="none"), metadata=SUPERADMIN, timeout=10
-        )
-    except grpc.RpcError as err:
-        if err.code() != grpc.StatusCode.NOT_FOUND:
-            pytest.skip("GetMessage is not served yet (the message lifecycle is not merged)")
+    # Mailgun: the record keeps Mailgun's id, which its events carry
     reply = send(hooks.server, to=["bob@example.org"], subject="hi", text="hello")
     assert reply.transport == "mailgun"
-
-    def get() -> Any:
-        request = mail_pb2.GetMessageRequest(id=reply.id)
-        return hooks.server.mail.GetMessage(request, metadata=SUPERADMIN, timeout=10)
-
-    assert get().status == Status.SENT and get().message_id == reply.message_id
-    r = hooks.post(event("failed", message_id=reply.message_id, severity="permanent"))
+    record = get_message(hooks.server, reply.id)
+    assert record.status == Status.SENT and record.message_id == reply.message_id
+    r = hooks.post(event("delivered", message_id=reply.message_id))
     assert r.status_code == 200 and r.json() == {"message": "accepted"}
-    wait_until(lambda: get().status == Status.BOUNCED, what="BOUNCED")
-    assert hooks.suppressions() == {"bob@example.org": 1}
+    assert get_message(hooks.server, reply.id).status == Status.DELIVERED
+    bounce = event(
+        "failed", message_id=reply.message_id, recipient="bob@example.org", severity="permanent"
+    )
+    assert hooks.post(bounce).json() == {"message": "accepted"}
+    record = get_message(hooks.server, reply.id)
+    assert record.status == Status.BOUNCED
+    assert "permanent" in record.events[-1].detail
+    assert listed_suppressions(hooks.server) == {"bob@example.org": 1}
+    # the next mail to bob leaves him out at once (this process's suppression cache is told)
+    err = send_fails(hooks.server, to=["bob@example.org"], subject="again", text="hello")
+    assert_error(err, grpc.StatusCode.FAILED_PRECONDITION, "ALL_RECIPIENTS_SUPPRESSED")
+    # SMTP: the record's message_id is the Message-ID header, which the events name
+    sink = smtp_factory()
+    settings = settings_pb2.MailSettings(
+        default_from="sender@example.com", smtp=smtp_settings(sink)
+    )
+    request = settings_pb2.UpdateMailSettingsRequest(
+        settings=settings, update_mask=field_mask_pb2.FieldMask(paths=["smtp", "mailgun"])
+    )
+    hooks.server.settings.UpdateMailSettings(request, metadata=SUPERADMIN, timeout=10)
+    # the webhook key went with mailgun: store it again
+    key_only = settings_pb2.UpdateMailSettingsRequest(
+        settings=settings_pb2.MailSettings(
+            mailgun=settings_pb2.MailgunSettings(
+                domain="mg.example.com", key=MAILGUN_KEY, webhook_signing_key=KEY
+            )
+        ),
+        update_mask=field_mask_pb2.FieldMask(paths=["mailgun"]),
+    )
+    hooks.server.settings.UpdateMailSettings(key_only, metadata=SUPERADMIN, timeout=10)
+    reply = send(hooks.server, to=["carol@example.org"], subject="smtp", text="hello")
+    assert reply.transport == "smtp"
+    header = str(sink.wait_for(1)[0].message["Message-ID"])
+    assert get_message(hooks.server, reply.id).message_id.strip("<>") == header.strip("<>")
+    r = hooks.post(event("complained", message_id=header, recipient="carol@example.org"))
+    assert r.json() == {"message": "accepted"}
+    assert get_message(hooks.server, reply.id).status == Status.COMPLAINED
+    assert listed_suppressions(hooks.server)["carol@example.org"] == 2
