@@ -24,9 +24,13 @@ from aiosmtpd.smtp import SMTP
 
 from bench.control import answer_commands, say
 
+_SUBJECT = re.compile(rb"(?mi)^Subject:[ \t]*(.*)$")
+_MESSAGE_ID = re.compile(rb"(?mi)^Message-ID:[ \t]*(.*)$")
 
-def _header(head: bytes, name: bytes) -> str:
-    match = re.search(rb"(?mi)^" + name + rb":[ \t]*(.*)$", head)
+
+def _header(head: bytes, pattern: re.Pattern[bytes]) -> str:
+    """A header's raw value, read cheaply from the header block (not decoded)."""
+    match = pattern.search(head)
     return match.group(1).strip().decode("ascii", "replace") if match else ""
 
 
@@ -58,7 +62,8 @@ class CountingHandler:
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        await self._open.wait()
+        if not self._open.is_set():
+            await self._open.wait()
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -67,10 +72,10 @@ class CountingHandler:
         self.count += 1
         raw = bytes(envelope.content)
         head = raw.split(b"\r\n\r\n", 1)[0]
-        subject = _header(head, b"Subject")
+        subject = _header(head, _SUBJECT)
         nth = self._seen[subject]
         self._seen[subject] += 1
-        self._ids.setdefault(subject, set()).add(_header(head, b"Message-ID"))
+        self._ids.setdefault(subject, set()).add(_header(head, _MESSAGE_ID))
         if nth % self._every == 0 and nth // self._every < self._per_subject:
             self._keep(raw, envelope.mail_from, list(envelope.rcpt_tos))
         return "250 OK"
