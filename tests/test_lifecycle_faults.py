@@ -1,0 +1,183 @@
+"""Bad input and faults end to end: a store that cannot be used stops the start by name, a
+full disk refuses the mail instead of losing it, malformed lifecycle requests are refused."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from mailsvc.v1 import mail_pb2, settings_pb2
+
+from tests.conftest import (
+    ADMIN,
+    JWT_SECRET,
+    SUPERADMIN,
+    Server,
+    SmtpSink,
+    auth,
+    details,
+    free_port,
+    make_token,
+    smtp_settings,
+)
+from tests.helpers import (
+    ServerFactory,
+    assert_error,
+    clean_env,
+    expect_error,
+    send,
+    struct,
+    wait_until,
+)
+
+DB = "mailsvc.sqlite3"
+ALICE = auth(make_token([], sub="alice"))
+BOB = auth(make_token([], sub="bob"))
+S = mail_pb2.MessageStatus
+FAST_QUEUE = ("--queue-retry-initial", "0.2", "--queue-retry-max", "0.4")
+
+
+def at(seconds_from_now: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int((time.time() + seconds_from_now) * 1e9))
+    return stamp
+
+
+def mail(**fields: Any) -> mail_pb2.SendMailRequest:
+    fields.setdefault("to", ["rcpt@example.com"])
+    fields.setdefault("subject", "Hi")
+    fields.setdefault("text", "Hello")
+    return mail_pb2.SendMailRequest(**fields)
+
+
+def listed(server: Server, metadata: Any = ADMIN, **fields: Any) -> list[str]:
+    reply = server.mail.ListMessages(
+        mail_pb2.ListMessagesRequest(**fields), metadata=metadata, timeout=10
+    )
+    return [m.id for m in reply.messages]
+
+
+# --- a store that cannot be used stops the start ------------------------------------------
+
+
+def without_dac_override() -> list[str]:
+    """A command prefix under which file permissions bind the server even when tests run as
+    root: the capabilities that bypass them are dropped (setpriv, util-linux)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permissions cannot bind the server")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+
+
+def serve_refused(data_dir: Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`mailsvc serve` on `data_dir`, which must stop at start."""
+    command = [*(prefix or []), sys.executable, "-m", "mailsvc", "serve"]
+    command += ["--data-dir", str(data_dir), "--listen", f"127.0.0.1:{free_port()}"]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=clean_env(MAILSVC_JWT_SECRET=JWT_SECRET),
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    # short: one line saying what and where, not a dump
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    return result
+
+
+def a_good_store(server_factory: ServerFactory, data_dir: Path) -> str:
+    """Leave a working store with one scheduled mail in `data_dir`; its record id."""
+    server = server_factory(data_dir=data_dir)
+    id = send(server, mail(send_at=at(3600))).id
+    assert server.stop() == 0
+    return id
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        pytest.param(b"this is not a database\n" * 400, id="text"),
+        # a valid header over garbage: what a torn or overwritten file looks like
+        pytest.param(b"SQLite format 3\x00" + bytes(range(256)) * 32, id="sqlite-header"),
+    ],
+)
+def test_a_corrupt_store_stops_the_start_by_name_and_is_left_alone(
+    tmp_path: Path, junk: bytes
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    db = data_dir / DB
+    db.write_bytes(junk)
+    result = serve_refused(data_dir)
+    assert str(db) in result.stderr
+    assert db.read_bytes() == junk  # never reset, never "repaired"
+
+
+def test_a_directory_in_place_of_the_store_stops_the_start(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / DB).mkdir(parents=True)
+    result = serve_refused(data_dir)
+    assert str(data_dir / DB) in result.stderr and "directory" in result.stderr
+
+
+def test_an_unwritable_store_file_stops_the_start_and_keeps_its_mail(
+    server_factory: ServerFactory, tmp_path: Path, smtp_sink: SmtpSink
+) -> None:
+    data_dir = tmp_path / "data"
+    id = a_good_store(server_factory, data_dir)
+    db = data_dir / DB
+    before = db.read_bytes()
+    db.chmod(0o400)
+    result = serve_refused(data_dir, without_dac_override())
+    assert str(db) in result.stderr
+    assert db.read_bytes() == before
+    assert stat.S_IMODE(db.stat().st_mode) == 0o400  # not "fixed" behind the operator's back
+    db.chmod(0o600)
+    again = server_factory(data_dir=data_dir)
+    assert again.mail.GetMessage(
+        mail_pb2.GetMessageRequest(id=id), metadata=ADMIN, timeout=10
+    ).status == (S.MESSAGE_STATUS_SCHEDULED)
+
+
+def test_a_read_only_data_dir_stops_the_start(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    a_good_store(server_factory, data_dir)
+    before = (data_dir / DB).read_bytes()
+    data_dir.chmod(0o500)
+    try:
+        result = serve_refused(data_dir, without_dac_override())
+    finally:
+        data_dir.chmod(0o700)
+    assert str(data_dir) in result.stderr
+    assert (data_dir / DB).read_bytes() == before
+
+
+def test_a_second_server_on_the_same_data_dir_stops_naming_the_lock(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    first = server_factory()
+    id = send(first, mail(send_at=at(3600))).id
+    result = serve_refused(first.data_dir)
+    assert f"{first.data_dir / DB}.lock" in result.stderr
+    assert "in use" in result.stderr
+    # the first one is untouched and keeps serving its records
+    reply = first.mail.GetMessage(mail_pb2.GetMessageRequest(id=id), metadata=ADMIN, timeout=10)
+    assert reply.status == S.MESSAGE_STATUS_SCHEDULED
