@@ -412,6 +412,12 @@ class SqliteStorage:
             self._prepare(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
+            name = getattr(exc, "sqlite_errorname", "")
+            if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")):
+                # The file is fine; it (or its directory, for the journal) is not writable.
+                raise StorageOpenError(
+                    f"{path}: cannot write it or its journal in {path.parent}: {exc}"
+                ) from exc
             raise StorageOpenError(f"{path}: not a usable mailsvc database: {exc}") from exc
         except BaseException:
             conn.close()
