@@ -32,6 +32,7 @@ from tests.conftest import (
     smtp_settings,
 )
 from tests.helpers import (
+    SmtpFactory,
     ServerFactory,
     assert_error,
     clean_env,
@@ -182,3 +183,58 @@ def test_a_second_server_on_the_same_data_dir_stops_naming_the_lock(
     # the first one is untouched and keeps serving its records
     reply = first.mail.GetMessage(mail_pb2.GetMessageRequest(id=id), metadata=ADMIN, timeout=10)
     assert reply.status == S.MESSAGE_STATUS_SCHEDULED
+
+
+# --- a full disk on accept ----------------------------------------------------------------
+
+
+def limit_file_size(server: Server, limit: int) -> None:
+    """Let the running server write no file past `limit` bytes: a full disk, as the kernel
+    tells it (EFBIG; CPython ignores SIGXFSZ)."""
+    resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_full_disk_refuses_the_mail_and_loses_none_it_accepted(
+    server_factory: ServerFactory, smtp_factory: SmtpFactory
+) -> None:
+    down, up = smtp_factory(), smtp_factory()
+    down.handler.always = "451 try later"  # nothing leaves while the disk fills
+    server = server_factory(*FAST_QUEUE, "--send-attempts", "1")
+    server.put_settings(settings_pb2.MailSettings(smtp=smtp_settings(down)))
+    files = [server.data_dir / n for n in (DB, f"{DB}-wal", "settings.json")]
+    used = max(f.stat().st_size for f in files if f.exists())
+    limit_file_size(server, used + 2 * 1024 * 1024)
+    body = "".join(f"line {i} of a long enough mail body\n" for i in range(4000))  # ~150 KB
+    accepted: dict[str, str] = {}
+    refused: list[str] = []
+    for i in range(200):
+        to = f"r{i}@example.com"
+        try:
+            reply = send(server, mail(to=[to], text=body, queue=True))
+        except grpc.RpcError as err:
+            assert_error(err, grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+            refused.append(to)
+            if len(refused) == 3:
+                break
+            continue
+        assert reply.status == S.MESSAGE_STATUS_QUEUED
+        accepted[to] = reply.id
+    assert len(refused) == 3, "the file size limit never refused a mail"
+    assert len(accepted) >= 5
+    assert server.proc.poll() is None  # a full disk is not a crash
+
+    # A crash on top: what was answered QUEUED was committed before the answer.
+    server.stop(signal.SIGKILL)
+    again = server_factory(*FAST_QUEUE, data_dir=server.data_dir)
+    again.put_settings(settings_pb2.MailSettings(smtp=smtp_settings(up)))
+    received = up.wait_for(len(accepted), timeout=60)
+    up.expect_no_more(within=1.0)
+    assert sorted(r.rcpt_tos[0] for r in received) == sorted(accepted)
+
+    def sent(id: str) -> bool:
+        record = again.mail.GetMessage(mail_pb2.GetMessageRequest(id=id), metadata=ADMIN, timeout=10)
+        return bool(record.status == S.MESSAGE_STATUS_SENT)
+
+    for to, id in accepted.items():
+        wait_until(lambda id=id: sent(id), 15, f"{to} SENT")  # type: ignore[misc]
+    assert len(listed(again, page_size=1000)) == len(accepted)  # the refused left no record
