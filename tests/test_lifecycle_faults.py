@@ -238,3 +238,164 @@ def test_a_full_disk_refuses_the_mail_and_loses_none_it_accepted(
     for to, id in accepted.items():
         wait_until(lambda id=id: sent(id), 15, f"{to} SENT")  # type: ignore[misc]
     assert len(listed(again, page_size=1000)) == len(accepted)  # the refused left no record
+
+
+# --- malformed lifecycle requests ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lifecycle_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Any:
+    """One server for the malformed-request checks; alice has one scheduled mail in it."""
+    from tests.conftest import start_server
+
+    server = start_server(tmp_path_factory.mktemp("malformed") / "data")
+    server.put_settings(
+        settings_pb2.MailSettings(
+            enable_user_full_access=True,
+            templates={"t": settings_pb2.MailTemplate(subject="s", text="x", roles=["user"])},
+        )
+    )
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+def get_fails(server: Server, call: str, id: str, code: grpc.StatusCode) -> grpc.RpcError:
+    request: Any = (
+        mail_pb2.GetMessageRequest(id=id)
+        if call == "GetMessage"
+        else mail_pb2.CancelMessageRequest(id=id)
+    )
+    err = expect_error(code, getattr(server.mail, call), request, metadata=ADMIN, timeout=10)
+    return err
+
+
+@pytest.mark.parametrize("call", ["GetMessage", "CancelMessage"])
+def test_an_empty_id_is_invalid_argument_naming_id(lifecycle_server: Server, call: str) -> None:
+    err = get_fails(lifecycle_server, call, "", grpc.StatusCode.INVALID_ARGUMENT)
+    assert list(details(err)["violations"]) == ["id"]
+
+
+@pytest.mark.parametrize("call", ["GetMessage", "CancelMessage"])
+@pytest.mark.parametrize(
+    "id",
+    [
+        pytest.param("x" * 200_000, id="huge"),
+        pytest.param("' OR 1=1 --", id="sql"),
+        pytest.param("%\x00_*", id="nul-and-wildcards"),
+        pytest.param("\u202eüñï©ødé" * 50, id="unicode"),
+    ],
+)
+def test_an_absurd_id_is_not_found_without_echoing_it_whole(
+    lifecycle_server: Server, call: str, id: str
+) -> None:
+    err = get_fails(lifecycle_server, call, id, grpc.StatusCode.NOT_FOUND)
+    assert_error(err, grpc.StatusCode.NOT_FOUND, "MESSAGE_NOT_FOUND")
+    assert len(err.details()) < 1000
+    assert lifecycle_server.proc.poll() is None
+
+
+def test_list_messages_refuses_a_negative_page_size_and_an_unknown_status(
+    lifecycle_server: Server,
+) -> None:
+    server = lifecycle_server
+    for request, field in (
+        (mail_pb2.ListMessagesRequest(page_size=-1), "page_size"),
+        (mail_pb2.ListMessagesRequest(page_size=-(2**31)), "page_size"),
+        (mail_pb2.ListMessagesRequest(status=99), "status"),  # type: ignore[arg-type]
+        (mail_pb2.ListMessagesRequest(status=-3), "status"),  # type: ignore[arg-type]
+    ):
+        err = expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            server.mail.ListMessages,
+            request,
+            metadata=ADMIN,
+            timeout=10,
+        )
+        assert list(details(err)["violations"]) == [field], request
+    # a huge page size is clamped, not refused
+    assert server.mail.ListMessages(
+        mail_pb2.ListMessagesRequest(page_size=2**31 - 1), metadata=ADMIN, timeout=10
+    ).next_page_token == ""
+
+
+def test_a_page_token_of_another_caller_is_refused(lifecycle_server: Server) -> None:
+    server = lifecycle_server
+    for _ in range(3):
+        send(server, mail(send_at=at(3600)), metadata=ALICE)
+    page = server.mail.ListMessages(
+        mail_pb2.ListMessagesRequest(page_size=1), metadata=ALICE, timeout=10
+    )
+    assert page.next_page_token
+    for other in (BOB, ADMIN):  # bob's listing and an admin's are other filters
+        err = expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            server.mail.ListMessages,
+            mail_pb2.ListMessagesRequest(page_size=1, page_token=page.next_page_token),
+            metadata=other,
+            timeout=10,
+        )
+        assert list(details(err)["violations"]) == ["page_token"]
+    # and alice's own next page works
+    mine = server.mail.ListMessages(
+        mail_pb2.ListMessagesRequest(page_size=1, page_token=page.next_page_token),
+        metadata=ALICE,
+        timeout=10,
+    )
+    assert len(mine.messages) == 1 and mine.messages[0].caller == "alice"
+
+
+def test_send_at_more_than_7_days_ahead_stores_nothing_in_any_send_call(
+    lifecycle_server: Server,
+) -> None:
+    server = lifecycle_server
+    before = listed(server, page_size=1000)
+    too_late = at(7 * 86400 + 120)
+    calls: list[tuple[Any, Any]] = [
+        (server.mail.SendMail, mail(send_at=too_late)),
+        (server.mail.SendMail, mail(send_at=too_late, queue=True, idempotency_key="late-1")),
+        (
+            server.mail.SendTemplatedMail,
+            mail_pb2.SendTemplatedMailRequest(
+                template_name="t", to=["a@example.com"], send_at=too_late
+            ),
+        ),
+        (
+            server.mail.SendMailBatch,
+            mail_pb2.SendMailBatchRequest(
+                template_name="t",
+                entries=[mail_pb2.BatchEntry(to=["a@example.com"], parameters=struct({}))],
+                send_at=too_late,
+            ),
+        ),
+    ]
+    for call, request in calls:
+        err = expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT, call, request, metadata=ADMIN, timeout=10
+        )
+        assert list(details(err)["violations"]) == ["send_at"], request
+    assert listed(server, page_size=1000) == before
+    # the refused key was not kept: the same key with a good request is a first request
+    reply = send(server, mail(send_at=at(3600), idempotency_key="late-1"))
+    assert reply.status == S.MESSAGE_STATUS_SCHEDULED
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        pytest.param(Timestamp(seconds=int(time.time()) + 60, nanos=-1), id="negative-nanos"),
+        pytest.param(Timestamp(seconds=int(time.time()) + 60, nanos=10**9), id="nanos-overflow"),
+        pytest.param(Timestamp(seconds=-(10**12)), id="before-year-1"),
+    ],
+)
+def test_a_send_at_that_is_no_timestamp_is_invalid_and_stores_nothing(
+    lifecycle_server: Server, stamp: Timestamp
+) -> None:
+    server = lifecycle_server
+    before = listed(server, page_size=1000)
+    err = expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, send, server, mail(send_at=stamp, queue=True)
+    )
+    assert list(details(err)["violations"]) == ["send_at"]
+    assert listed(server, page_size=1000) == before
