@@ -83,7 +83,9 @@ def without_dac_override() -> list[str]:
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
 
 
-def serve_refused(data_dir: Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def serve_refused(
+    data_dir: Path, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`mailsvc serve` on `data_dir`, which must stop at start."""
     command = [*(prefix or []), sys.executable, "-m", "mailsvc", "serve"]
     command += ["--data-dir", str(data_dir), "--listen", f"127.0.0.1:{free_port()}"]
@@ -232,7 +234,9 @@ def test_a_full_disk_refuses_the_mail_and_loses_none_it_accepted(
     assert sorted(r.rcpt_tos[0] for r in received) == sorted(accepted)
 
     def sent(id: str) -> bool:
-        record = again.mail.GetMessage(mail_pb2.GetMessageRequest(id=id), metadata=ADMIN, timeout=10)
+        record = again.mail.GetMessage(
+            mail_pb2.GetMessageRequest(id=id), metadata=ADMIN, timeout=10
+        )
         return bool(record.status == S.MESSAGE_STATUS_SENT)
 
     for to, id in accepted.items():
@@ -315,9 +319,12 @@ def test_list_messages_refuses_a_negative_page_size_and_an_unknown_status(
         )
         assert list(details(err)["violations"]) == [field], request
     # a huge page size is clamped, not refused
-    assert server.mail.ListMessages(
-        mail_pb2.ListMessagesRequest(page_size=2**31 - 1), metadata=ADMIN, timeout=10
-    ).next_page_token == ""
+    assert (
+        server.mail.ListMessages(
+            mail_pb2.ListMessagesRequest(page_size=2**31 - 1), metadata=ADMIN, timeout=10
+        ).next_page_token
+        == ""
+    )
 
 
 def test_a_page_token_of_another_caller_is_refused(lifecycle_server: Server) -> None:
