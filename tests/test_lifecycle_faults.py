@@ -22,7 +22,6 @@ from mailsvc.v1 import mail_pb2, settings_pb2
 from tests.conftest import (
     ADMIN,
     JWT_SECRET,
-    SUPERADMIN,
     Server,
     SmtpSink,
     auth,
@@ -32,8 +31,8 @@ from tests.conftest import (
     smtp_settings,
 )
 from tests.helpers import (
-    SmtpFactory,
     ServerFactory,
+    SmtpFactory,
     assert_error,
     clean_env,
     expect_error,
