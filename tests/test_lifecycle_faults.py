@@ -22,6 +22,7 @@ from mailsvc.v1 import mail_pb2, settings_pb2
 from tests.conftest import (
     ADMIN,
     JWT_SECRET,
+    SUPERADMIN,
     Server,
     SmtpSink,
     auth,
@@ -129,6 +130,39 @@ def test_a_corrupt_store_stops_the_start_by_name_and_is_left_alone(
     result = serve_refused(data_dir)
     assert str(db) in result.stderr
     assert db.read_bytes() == junk  # never reset, never "repaired"
+
+
+def test_a_store_damaged_deep_inside_stops_the_start(
+    server_factory: ServerFactory, tmp_path: Path
+) -> None:
+    """A sound header and schema over damaged pages: refused at start, not mail by mail."""
+    data_dir = tmp_path / "data"
+    server = server_factory(data_dir=data_dir)
+    server.put_settings(
+        settings_pb2.MailSettings(
+            templates={"t": settings_pb2.MailTemplate(subject="s", text="x" * 2000)}
+        )
+    )
+    server.mail.SendMailBatch(
+        mail_pb2.SendMailBatchRequest(
+            template_name="t",
+            send_at=at(3600),
+            entries=[mail_pb2.BatchEntry(to=[f"r{i}@example.com"]) for i in range(1000)],
+        ),
+        metadata=SUPERADMIN,
+        timeout=60,
+    )
+    assert server.stop() == 0
+    db = data_dir / DB
+    data = bytearray(db.read_bytes())
+    pages = len(data) // 4096
+    assert pages > 100, pages
+    for page in range(pages * 2 // 5, pages * 3 // 5):  # the middle fifth: records, payloads
+        data[page * 4096 : (page + 1) * 4096] = bytes([page % 251]) * 4096
+    db.write_bytes(data)
+    result = serve_refused(data_dir)
+    assert f"{db}: the database is damaged" in result.stderr
+    assert db.read_bytes() == data
 
 
 def test_a_directory_in_place_of_the_store_stops_the_start(tmp_path: Path) -> None:
