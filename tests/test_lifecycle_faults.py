@@ -226,7 +226,9 @@ def test_a_second_server_on_the_same_data_dir_stops_naming_the_lock(
 def limit_file_size(server: Server, limit: int) -> None:
     """Let the running server write no file past `limit` bytes: a full disk, as the kernel
     tells it (EFBIG; CPython ignores SIGXFSZ)."""
-    resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    _, hard = resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE)
+    # the soft limit only: lifting it again needs no privilege
+    resource.prlimit(server.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))
 
 
 def test_a_full_disk_refuses_the_mail_and_loses_none_it_accepted(
@@ -439,3 +441,42 @@ def test_a_send_at_that_is_no_timestamp_is_invalid_and_stores_nothing(
     )
     assert list(details(err)["violations"]) == ["send_at"]
     assert listed(server, page_size=1000) == before
+
+
+def test_after_a_full_disk_the_running_server_recovers_when_space_returns(
+    server_factory: ServerFactory, smtp_factory: SmtpFactory
+) -> None:
+    down, up = smtp_factory(), smtp_factory()
+    down.handler.always = "451 try later"
+    server = server_factory(*FAST_QUEUE, "--send-attempts", "1", "--queue-lease", "15")
+    server.put_settings(settings_pb2.MailSettings(smtp=smtp_settings(down)))
+    used = max(f.stat().st_size for f in server.data_dir.iterdir() if f.is_file())
+    limit_file_size(server, used + 1024 * 1024)
+    body = "".join(f"line {i} of a long enough mail body\n" for i in range(4000))
+    accepted: dict[str, str] = {}
+    for i in range(200):
+        to = f"r{i}@example.com"
+        try:
+            accepted[to] = send(server, mail(to=[to], text=body, queue=True)).id
+        except grpc.RpcError as err:
+            assert_error(err, grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE")
+            break
+    else:
+        raise AssertionError("the file size limit never refused a mail")
+
+    # Space is back (no restart): new mail is taken and everything accepted goes out.
+    limit_file_size(server, resource.RLIM_INFINITY)
+    accepted["late@example.com"] = send(server, mail(to=["late@example.com"], queue=True)).id
+    server.put_settings(settings_pb2.MailSettings(smtp=smtp_settings(up)))
+    received = up.wait_for(len(accepted), timeout=60)
+    assert sorted(r.rcpt_tos[0] for r in received) == sorted(accepted)
+
+    def sent(id: str) -> bool:
+        record = server.mail.GetMessage(
+            mail_pb2.GetMessageRequest(id=id), metadata=ADMIN, timeout=10
+        )
+        return bool(record.status == S.MESSAGE_STATUS_SENT)
+
+    for to, id in accepted.items():
+        wait_until(lambda id=id: sent(id), 15, f"{to} SENT")  # type: ignore[misc]
+    up.expect_no_more(within=1.0)
