@@ -159,7 +159,12 @@ def test_queue_gauges_records_by_status_and_attempts_move(
         {messages("CANCELLED"): 1, messages("QUEUED"): 0, DEPTH: 0, attempts("retry"): 1},
         "the waiting one cancelled",
     )
-    assert {second.id, third.id} and len(sink.received) == 1
+    assert len(sink.received) == 1
+    for id, status in ((second.id, S.MESSAGE_STATUS_SENT), (third.id, S.MESSAGE_STATUS_FAILED)):
+        record = server.mail.GetMessage(
+            mail_pb2.GetMessageRequest(id=id), metadata=SUPERADMIN, timeout=10
+        )
+        assert record.status == status
 
 
 def test_rate_limit_refusals_are_counted_by_reason(
