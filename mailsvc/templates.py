@@ -5,6 +5,11 @@ output: the sandbox's call/binop hooks, the str.format formatter, every filter, 
 output writes check sizes before (or right after) building, and every such hook checks the
 render's deadline. Jinja's constant folding runs filters at save time; the same guards apply
 there, and a limit hit while folding refuses the template when it is saved.
+
+A render first runs on the event loop with a small budget (LOOP_RENDER_SECONDS, values of at
+most LOOP_VALUE_CHARS): most renders take well under a millisecond, and a hop to the worker
+thread costs more than that. When that budget runs out, the same render starts again on the
+worker thread with the full bounds; rendering has no side effects, so only time is lost.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ MAX_VALUE_CHARS = 1_000_000  # any one string, list or mapping a template builds
 MAX_WRITTEN_CHARS = 16_000_000  # all writes of one render (outputs, macro and block buffers)
 MAX_RENDER_SECONDS = 1.0  # one render, all fields together
 RENDER_THREADS = 1  # one: renders hold the GIL, more threads only slow the event loop
+LOOP_RENDER_SECONDS = 0.002  # a first try on the event loop; then the worker thread
+# Any value a render on the loop may touch: the slowest filter on it (urlize, ~1.2 us per
+# character) stays within a few milliseconds.
+LOOP_VALUE_CHARS = 4096
 MAX_COMPILE_SECONDS = 2.0  # one template field, constant folding included
 MAX_NESTING = 100  # depth of a template's syntax tree
 MAX_WRAP_CHARS = 100_000  # input of wordwrap, which is slow per character
@@ -81,6 +90,11 @@ class _Budget:
     range_left: int = MAX_RANGE
     written: int = MAX_WRITTEN_CHARS
     exceeded: str | None = None  # the first limit hit while folding constants at save
+    on_loop: bool = False  # the first try on the event loop: over its budget it gives up
+
+
+class _OffLoop(Exception):  # not an error: the render moves to the worker thread
+    """A render on the event loop went over its small budget."""
 
 
 _budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("budget", default=None)
@@ -100,11 +114,26 @@ def _limit(message: str) -> TemplateLimit:
     return TemplateLimit(message)
 
 
-def _tick() -> _Budget:
+def _late(budget: _Budget) -> Exception:
+    if budget.on_loop:
+        return _OffLoop()
+    return _limit(f"takes longer than {MAX_RENDER_SECONDS:g} s")
+
+
+def _tick(*inputs: Any) -> _Budget:
+    """Checks the deadline; on the loop also the size of what the next step works on."""
     budget = _current()
     if time.monotonic() > budget.deadline:
-        raise _limit(f"takes longer than {MAX_RENDER_SECONDS:g} s")
+        raise _late(budget)
+    if budget.on_loop and sum(_size(x) for x in inputs) > LOOP_VALUE_CHARS:
+        raise _OffLoop()
     return budget
+
+
+def _loop_sized(size: int) -> None:
+    budget = _budget.get()
+    if budget is not None and budget.on_loop and size > LOOP_VALUE_CHARS:
+        raise _OffLoop()
 
 
 def _size(value: Any, depth: int = 0) -> int:
@@ -120,8 +149,10 @@ def _size(value: Any, depth: int = 0) -> int:
 
 
 def _bounded(value: Any, what: str = "a value") -> Any:
-    if _size(value) > MAX_VALUE_CHARS:
+    size = _size(value)
+    if size > MAX_VALUE_CHARS:
         raise _limit(f"{what} larger than {MAX_VALUE_CHARS} characters")
+    _loop_sized(size)
     return value
 
 
@@ -160,7 +191,7 @@ def _steps(context: Any, iterable: Any, static: int) -> Iterator[Any]:
         if budget.written < 0:
             raise _limit(f"writes more than {MAX_WRITTEN_CHARS} characters")
         if time.monotonic() > budget.deadline:
-            raise _limit(f"takes longer than {MAX_RENDER_SECONDS:g} s")
+            raise _late(budget)
         yield item
 
 
@@ -186,8 +217,10 @@ def _budgeted_range(*args: int) -> range:
 def _concat(eval_ctx: EvalContext, parts: tuple[Any, ...]) -> str:
     """`a ~ b`: sized before it is joined."""
     _tick()
-    if sum(_size(p) for p in parts) > MAX_VALUE_CHARS:
+    size = sum(_size(p) for p in parts)
+    if size > MAX_VALUE_CHARS:
         raise _limit(f"a value larger than {MAX_VALUE_CHARS} characters")
+    _loop_sized(size)
     return markup_join(parts) if eval_ctx.autoescape else str_join(parts)
 
 
@@ -207,6 +240,7 @@ def _finalize(value: Any) -> Any:
     size = _size(value)
     if size > MAX_VALUE_CHARS:
         raise _limit(f"an output larger than {MAX_VALUE_CHARS} characters")
+    _loop_sized(size)
     budget.written -= size
     if budget.written < 0:
         raise _limit(f"writes more than {MAX_WRITTEN_CHARS} characters")
@@ -422,7 +456,7 @@ def _bounded_filter(name: str, f: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(f)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        _tick()
+        _tick(*args[skip:], *kwargs.values())
         if name in _MATERIALIZE and len(args) > skip and not hasattr(args[skip], "__len__"):
             args = (*args[:skip], _listed(args[skip]), *args[skip + 1 :])
         if pre is not None and len(args) > skip:
@@ -496,7 +530,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.filters.update(_GUARDS)
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
-        _tick()
+        _tick(left, right)
         if op == "**":
             if isinstance(right, int | float) and abs(right) > MAX_POWER_EXPONENT:
                 raise _limit("exponent too large")
@@ -552,8 +586,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return functools.update_wrapper(wrapper, value)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        _tick()
-        if isinstance(getattr(__obj, "__self__", None), str) and hasattr(__obj, "__name__"):
+        bound = getattr(__obj, "__self__", None)
+        _tick(
+            bound if isinstance(bound, str | list | tuple | dict) else None, *args, *kwargs.values()
+        )
+        if isinstance(bound, str) and hasattr(__obj, "__name__"):
             args = _check_str_method(__obj, args, kwargs)
         return _bounded(super().call(__context, __obj, *args, **kwargs))
 
@@ -605,17 +642,26 @@ class CompiledTemplate:
     executor: Executor = field(repr=False, compare=False)
 
     async def render_async(self, parameters: Mapping[str, Any]) -> Rendered:
-        """render() on the engine's bounded worker threads, so the event loop keeps serving."""
+        """render(), first on the event loop within a small budget, else on the worker thread."""
+        values = self._check_parameters(parameters)
+        try:
+            return self._render(values, on_loop=True)
+        except _OffLoop:
+            pass
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.render, parameters)
+        return await loop.run_in_executor(self.executor, self._render, values, False)
 
     def render(self, parameters: Mapping[str, Any]) -> Rendered:
         """Render every field; CPU-bound and bounded, so callers run it off the event loop."""
-        values = self._check_parameters(parameters)
+        return self._render(self._check_parameters(parameters), on_loop=False)
+
+    def _render(self, values: Mapping[str, Any], on_loop: bool) -> Rendered:
         total = 0
         out: dict[str, str] = {}
         path = ""
-        token = _budget.set(_Budget(deadline=time.monotonic() + MAX_RENDER_SECONDS))
+        seconds = LOOP_RENDER_SECONDS if on_loop else MAX_RENDER_SECONDS
+        budget = _Budget(deadline=time.monotonic() + seconds, on_loop=on_loop)
+        token = _budget.set(budget)
         try:
             for path, template in self.fields.items():
                 chunks = []
@@ -625,6 +671,13 @@ class CompiledTemplate:
                         raise TemplateLimit(f"renders to more than {MAX_OUTPUT_CHARS} characters")
                     chunks.append(chunk)
                 out[path] = "".join(chunks)
+        except (RecursionError, MemoryError):
+            if on_loop:  # the loop's stack is deeper than the worker's: let it decide
+                raise _OffLoop() from None
+            raise FailedPrecondition(
+                f"template {self.name!r} failed to render with these parameters",
+                reason="TEMPLATE_RENDER_FAILED",
+            ) from None
         except TemplateLimit as exc:
             raise InvalidArgument.one(
                 f"settings.templates.{self.name}.{path}",
@@ -645,8 +698,6 @@ class CompiledTemplate:
             TypeError,
             ValueError,
             LookupError,
-            RecursionError,
-            MemoryError,
         ):
             raise FailedPrecondition(
                 f"template {self.name!r} failed to render with these parameters",
