@@ -19,6 +19,7 @@ import contextvars
 import functools
 import operator
 import re
+import sys
 import threading
 import time
 import types
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from string import Formatter
-from typing import Any
+from typing import Any, NoReturn
 
 from jinja2 import (
     StrictUndefined,
@@ -528,6 +529,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         self.globals["range"] = _budgeted_range
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
         self.filters.update(_GUARDS)
+
+    def handle_exception(self, source: str | None = None) -> NoReturn:
+        if isinstance(sys.exc_info()[1], _OffLoop):
+            raise  # as is: Jinja's rewritten traceback compiles code, and nobody would see it
+        super().handle_exception(source)
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
         _tick(left, right)
