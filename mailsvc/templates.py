@@ -636,13 +636,32 @@ def _private_attribute(ast: nodes.Template) -> int | None:
 
 
 @dataclass(frozen=True)
+class _Text:
+    """A field without template syntax: its text, with no Jinja context built per render."""
+
+    text: str
+
+    def generate(self, values: Mapping[str, Any]) -> Iterator[str]:
+        if self.text:
+            yield self.text
+
+
+def _is_text(ast: nodes.Template) -> bool:
+    return all(
+        isinstance(node, nodes.Output)
+        and all(isinstance(c, nodes.TemplateData) for c in node.nodes)
+        for node in ast.body
+    )
+
+
+@dataclass(frozen=True)
 class CompiledTemplate:
     """A stored template, compiled; render() never compiles."""
 
     name: str
     model: Mapping[str, str]
     roles: frozenset[str]
-    fields: Mapping[str, JinjaTemplate]
+    fields: Mapping[str, JinjaTemplate | _Text]
     list_lengths: Mapping[str, int]
     variables: frozenset[str]
     executor: Executor = field(repr=False, compare=False)
@@ -830,7 +849,7 @@ class TemplateEngine:
                 violations.append(
                     FieldViolation(f"{path}.model.{param}", "must be a valid identifier")
                 )
-        compiled: dict[str, JinjaTemplate] = {}
+        compiled: dict[str, JinjaTemplate | _Text] = {}
         used: set[str] = set()
         for field_name, source, html in _field_sources(template):
             env = self._html if html else self._text
@@ -857,7 +876,7 @@ class TemplateEngine:
 
     def _compile_field(
         self, env: _Sandbox, source: str, declared: Iterable[str]
-    ) -> tuple[JinjaTemplate, set[str]] | str:
+    ) -> tuple[JinjaTemplate | _Text, set[str]] | str:
         """The compiled field and the names it uses, or what is wrong with it."""
         budget = _Budget(deadline=time.monotonic() + MAX_COMPILE_SECONDS)
         token = _budget.set(budget)
@@ -879,6 +898,8 @@ class TemplateEngine:
                 )
             compiled = env.from_string(_Guard().visit(ast))
             self.compilations += 1
+            if _is_text(ast):  # the same text at every render: rendered once, now
+                return _Text("".join(compiled.generate({}))), variables
         except TemplateSyntaxError as exc:
             return f"line {exc.lineno}: {exc.message}"
         except TemplateLimit as exc:

@@ -152,6 +152,11 @@ _ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 def _addrs(values: Sequence[str]) -> str:
     if not values:
         return _EMPTY  # most cc, bcc and suppressed lists
+    if len(values) == 1:
+        value = values[0]
+        # Nothing JSON would escape (quotes, backslashes, control characters): as it encodes.
+        if value.isprintable() and '"' not in value and "\\" not in value:
+            return f'["{value}"]'
     return _ENCODE(list(values))
 
 

@@ -83,3 +83,21 @@ def test_parameter_errors_need_no_worker() -> None:
         asyncio.run(template.render_async({"n": "three"}))
     assert caught.value.violations[0].field == "parameters.n"
     assert executor.submitted == 0
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("", ""),
+        ("plain text\n", "plain text"),  # Jinja drops one trailing newline
+        ("two\n\n", "two\n"),
+        ("{% raw %}{{ x }}{% endraw %}", "{{ x }}"),
+        ("a {# note #}b", "a b"),
+    ],
+)
+def test_fields_without_expressions_render_as_jinja_renders_them(
+    source: str, expected: str
+) -> None:
+    template, _ = compiled(source)
+    assert template.render({}).text == expected
+    assert asyncio.run(template.render_async({})).text == expected

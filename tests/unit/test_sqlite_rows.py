@@ -12,7 +12,7 @@ from mailsvc.storage.base import Event, MessageRecord, Status
 from mailsvc.storage.sqlite import _addr_list, _addrs, _record
 
 
-@pytest.mark.parametrize("alphabet", ["ab.@", 'a"\\\u00e9\n\x01 <>,[]'])
+@pytest.mark.parametrize("alphabet", ["ab.@", 'a"\\\u00e9\n\x01\x7f\u2028 <>,[]'])
 def test_address_lists_read_as_json_reads_them(alphabet: str) -> None:
     rng = random.Random(alphabet)
     for _ in range(3000):
@@ -21,6 +21,7 @@ def test_address_lists_read_as_json_reads_them(alphabet: str) -> None:
             for _ in range(rng.randint(0, 3))
         )
         text = _addrs(values)
+        assert text == json.dumps(list(values), ensure_ascii=False, separators=(",", ":"))
         assert _addr_list(text) == tuple(json.loads(text)) == values, text
 
 
