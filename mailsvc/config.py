@@ -127,6 +127,17 @@ class Config:
     message_retention: float = field(
         default=604800.0, metadata=meta("seconds records are kept after their last change")
     )
+    database_url: str = field(
+        default="",
+        repr=False,  # it may carry the database password
+        metadata=meta(
+            "postgresql:// URL of the database shared by replicas",
+            shown_default="empty = embedded store in the data dir",
+        ),
+    )
+    database_pool_size: int = field(
+        default=10, metadata=meta("database connections per replica", minimum=2)
+    )
     smtp_timeout: float = 30.0  # not a flag
     # gRPC transport limits (not flags): streams per connection, calls in flight overall,
     # keepalive pings, and how long an idle connection is kept.

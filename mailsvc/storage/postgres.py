@@ -178,6 +178,14 @@ class PostgresStorage:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    async def ping(self) -> None:
+        """Raise StorageError unless the database answers now (the health check)."""
+
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute("SELECT 1")
+
+        await self._run(work, retry=True)
+
     # --- plumbing
     async def _run(
         self,
