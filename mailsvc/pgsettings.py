@@ -39,6 +39,7 @@ _ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     asyncpg.PostgresError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
 _Rows = dict[str, tuple[str, str]]  # name -> (data, etag)
 
@@ -90,7 +91,7 @@ class PgSettingsStore:
         are invalid (the server must not start), StorageError if the database is away."""
         try:
             self._pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=2, timeout=self._connect_timeout
+                self._url, min_size=0, max_size=2, timeout=self._connect_timeout
             )
             async with self._pool.acquire() as conn:
                 await pg_schema.migrate(conn)

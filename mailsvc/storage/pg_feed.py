@@ -40,6 +40,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # A connection the server closed mid-operation can be left in a state asyncpg refuses
+    # to use ("cannot switch to state ..."): as good as lost.
+    asyncpg.exceptions.InternalClientError,
 )
 DB_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 _NOTIFY_LIMIT = 7900  # bytes; PostgreSQL's limit is 8000

@@ -145,7 +145,9 @@ class PostgresStorage:
         try:
             self._pool = await asyncpg.create_pool(
                 self._url,
-                min_size=1,
+                # No floor: asyncpg would restore it in the background and log a stack trace
+                # at every try while the database is away; connections open on demand.
+                min_size=0,
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
