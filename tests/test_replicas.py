@@ -5,6 +5,7 @@ database restart loses no accepted mail."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -19,6 +20,12 @@ import grpc
 import pytest
 from mailsvc.v1 import mail_pb2, settings_pb2, suppression_pb2, suppression_pb2_grpc
 
+from mailsvc import payload
+from mailsvc.addresses import Address
+from mailsvc.message import Mail
+from mailsvc.mime import new_message_id
+from mailsvc.storage.base import NewMessage, Status
+from mailsvc.storage.postgres import PostgresStorage
 from tests import pg
 from tests.conftest import (
     ADMIN,
@@ -278,6 +285,45 @@ def test_a_suppression_added_on_one_replica_is_applied_by_the_others(cluster: Cl
         metadata=ADMIN,
         timeout=5,
     )
+
+
+def test_queue_workers_are_woken_by_mail_another_process_queued(cluster: Cluster) -> None:
+    """Without the wake-up each replica would look only every 30 s (queue.MAX_SLEEP)."""
+    cluster.configure(base_settings(cluster.sink))
+
+    async def insert() -> None:
+        storage = PostgresStorage(cluster.url, pool_size=2)
+        await storage.open()
+        try:
+            now = time.time()
+            mail = Mail(
+                sender=Address("", "other@example.com"),
+                to=(Address("", "woken@example.com"),),
+                subject="woken",
+                text="queued elsewhere",
+            )
+            header = new_message_id(mail.sender)
+            await storage.insert(
+                [
+                    NewMessage(
+                        id=f"elsewhere{int(now * 1000)}",
+                        caller="ops",
+                        status=Status.QUEUED,
+                        to=("woken@example.com",),
+                        subject="woken",
+                        create_time=now,
+                        send_time=now,
+                        payload=payload.encode(mail, header),
+                        header_message_id=header,
+                        detail="queued",
+                    )
+                ]
+            )
+        finally:
+            await storage.aclose()
+
+    asyncio.run(insert())
+    wait_until(lambda: subjects(cluster.sink)["woken"] == 1, 5, "delivered by a replica")
 
 
 # --- failures ------------------------------------------------------------------------------
