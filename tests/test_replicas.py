@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from mailsvc.v1 import mail_pb2, settings_pb2, suppression_pb2, suppression_pb2_grpc
 
 from mailsvc import payload
@@ -29,6 +30,8 @@ from mailsvc.storage.postgres import PostgresStorage
 from tests import pg
 from tests.conftest import (
     ADMIN,
+    SMTP_LOGIN,
+    SMTP_PASSWORD,
     SUPERADMIN,
     Server,
     SmtpSink,
@@ -41,7 +44,15 @@ from tests.conftest import (
     start_sink,
     wait_serving,
 )
-from tests.helpers import assert_error, expect_error, send, struct, wait_until
+from tests.helpers import (
+    assert_error,
+    clean_env,
+    cli,
+    expect_error,
+    send,
+    struct,
+    wait_until,
+)
 
 S = mail_pb2.MessageStatus
 ALICE = auth(make_token([], sub="alice"))
@@ -262,17 +273,7 @@ def test_a_suppression_added_on_one_replica_is_applied_by_the_others(cluster: Cl
     a, b, _ = cluster.replicas
     # b has just looked at the (empty) list, so it believes the list empty for a while.
     send(b, to=["keep@example.com"], subject="warm", text="t")
-    suppressions = suppression_pb2_grpc.SuppressionServiceStub(a.channel)
-    suppressions.AddSuppression(
-        suppression_pb2.AddSuppressionRequest(
-            suppression=suppression_pb2.Suppression(
-                address="gone@example.com",
-                reason=suppression_pb2.SuppressionReason.SUPPRESSION_REASON_MANUAL,
-            )
-        ),
-        metadata=ADMIN,
-        timeout=5,
-    )
+    add_suppression(a, "gone@example.com")
     added = time.monotonic()
     while True:
         reply = send(b, to=["gone@example.com", "keep@example.com"], subject="s", text="t")
@@ -280,7 +281,7 @@ def test_a_suppression_added_on_one_replica_is_applied_by_the_others(cluster: Cl
             break
         assert time.monotonic() - added < PROPAGATION, "replica B did not learn in time"
         time.sleep(0.1)
-    suppressions.DeleteSuppression(
+    suppression_pb2_grpc.SuppressionServiceStub(a.channel).DeleteSuppression(
         suppression_pb2.DeleteSuppressionRequest(address="gone@example.com"),
         metadata=ADMIN,
         timeout=5,
@@ -324,6 +325,82 @@ def test_queue_workers_are_woken_by_mail_another_process_queued(cluster: Cluster
 
     asyncio.run(insert())
     wait_until(lambda: subjects(cluster.sink)["woken"] == 1, 5, "delivered by a replica")
+
+
+# --- moving over ----------------------------------------------------------------------------
+
+
+def test_migrate_to_database_copies_settings_acl_and_suppressions(
+    pg_url: str, tmp_path: Path
+) -> None:
+    sink = start_sink(auth=True)
+    data = tmp_path / "embedded"
+    embedded = start_server(data)
+    try:
+        embedded.put_settings(base_settings(sink, default_from="from@example.com"))
+        # the password goes in through a masked write, as an operator would set it
+        embedded.settings.UpdateMailSettings(
+            settings_pb2.UpdateMailSettingsRequest(
+                settings=settings_pb2.MailSettings(
+                    smtp=smtp_settings(sink, login=SMTP_LOGIN, password=SMTP_PASSWORD)
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["smtp"]),
+            ),
+            metadata=SUPERADMIN,
+            timeout=10,
+        )
+        acl = settings_pb2.SettingsAcl(read_roles=["reader"], update_roles=["writer"])
+        embedded.settings.UpdateSettingsAcl(
+            settings_pb2.UpdateSettingsAclRequest(acl=acl), metadata=SUPERADMIN, timeout=10
+        )
+        add_suppression(embedded, "blocked@example.com")
+    finally:
+        embedded.stop()
+    env = clean_env(MAILSVC_DATABASE_URL=pg_url)
+    moved = cli("migrate-to-database", "--data-dir", str(data), env=env)
+    assert moved.returncode == 0, moved.stderr
+    assert "1 suppressions" in moved.stdout
+    password = pg_url.split(":")[2].split("@")[0]
+    assert password not in moved.stdout + moved.stderr
+
+    replica = start_server(tmp_path / "replica", "--database-url", pg_url)
+    try:
+        stored = replica.settings.GetMailSettings(
+            settings_pb2.GetMailSettingsRequest(), metadata=SUPERADMIN, timeout=5
+        )
+        assert stored.default_from == "from@example.com"
+        assert stored.smtp.password_set and stored.smtp.login == SMTP_LOGIN
+        assert set(stored.templates) == {"t"}
+        got_acl = replica.settings.GetSettingsAcl(
+            settings_pb2.GetSettingsAclRequest(), metadata=SUPERADMIN, timeout=5
+        )
+        assert got_acl == acl
+        reply = send(replica, to=["blocked@example.com", "ok@example.com"], subject="m", text="t")
+        assert list(reply.suppressed) == ["blocked@example.com"]
+        (mail,) = sink.wait_for(1)  # the SMTP password came along: AUTH succeeded
+        assert mail.rcpt_tos == ["ok@example.com"]
+    finally:
+        replica.stop()
+        sink.stop()
+
+    again = cli("migrate-to-database", "--data-dir", str(data), env=env)
+    assert again.returncode == 1
+    assert "--force" in again.stderr
+    forced = cli("migrate-to-database", "--data-dir", str(data), "--force", env=env)
+    assert forced.returncode == 0, forced.stderr
+
+
+def add_suppression(server: Server, address: str) -> None:
+    suppression_pb2_grpc.SuppressionServiceStub(server.channel).AddSuppression(
+        suppression_pb2.AddSuppressionRequest(
+            suppression=suppression_pb2.Suppression(
+                address=address,
+                reason=suppression_pb2.SuppressionReason.SUPPRESSION_REASON_MANUAL,
+            )
+        ),
+        metadata=ADMIN,
+        timeout=5,
+    )
 
 
 # --- failures ------------------------------------------------------------------------------
