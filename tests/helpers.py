@@ -6,16 +6,17 @@ holds plain functions built on them.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -216,3 +217,15 @@ def grpcurl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     return subprocess.run(
         [grpcurl_binary(), *args], capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+T = TypeVar("T")
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run one coroutine to its end on a fresh event loop (the sync tests' async bridge)."""
+
+    async def main() -> T:
+        return await coro
+
+    return asyncio.run(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -19,15 +19,9 @@ from mailsvc.storage.base import StorageError
 from mailsvc.store import SettingsFileError, Snapshot
 from mailsvc.templates import TemplateEngine
 from tests import pg
+from tests.helpers import run
 
 T = TypeVar("T")
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def main() -> T:
-        return await coro
-
-    return asyncio.run(main())
 
 
 @asynccontextmanager

@@ -27,16 +27,10 @@ from mailsvc.storage.base import (
 )
 from mailsvc.storage.postgres import PostgresStorage
 from tests import pg
+from tests.helpers import run
 
 T = TypeVar("T")
 NOW = 1_800_000_000.0
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def main() -> T:
-        return await coro
-
-    return asyncio.run(main())
 
 
 @asynccontextmanager
