@@ -456,7 +456,7 @@ def test_an_unreachable_database_at_start_exits_2_naming_it(tmp_path: Path) -> N
     server = start_server(tmp_path / "data", "--database-url", url, wait=False)
     assert server.proc.wait(timeout=30) == 2
     logs = server.logs()
-    assert f"127.0.0.1:{port}" in logs
+    assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}/mail" in logs
     assert "Hunter2Secret" not in logs
     assert "Traceback" not in logs
 

@@ -157,9 +157,18 @@ class PostgresStorage:
                 f"cannot connect to PostgreSQL at {self._where}: {reason(exc)}"
             ) from None
         try:
-            async with self._pool.acquire() as conn:
+            conn = await self._pool.acquire()
+        except DB_ERRORS as exc:
+            await self._pool.close()
+            raise StorageOpenError(
+                f"cannot connect to PostgreSQL at {self._where}: {reason(exc)}"
+            ) from None
+        try:
+            try:
                 await pg_schema.migrate(conn)
                 last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+            finally:
+                await self._pool.release(conn)
         except pg_schema.SchemaTooNew as exc:
             await self._pool.close()
             raise StorageOpenError(f"PostgreSQL at {self._where}: {exc}") from None
