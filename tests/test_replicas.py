@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +69,7 @@ class Cluster:
         """Write through the first replica; return once every replica uses the result."""
         stored = self.replicas[0].put_settings(settings)
         for replica in self.replicas[1:]:
-            wait_until(lambda r=replica: etag(r) == stored.etag, PROPAGATION, "settings propagated")
+            wait_until(has_etag(replica, stored.etag), PROPAGATION, "settings propagated")
         return stored
 
 
@@ -78,6 +78,10 @@ def etag(server: Server) -> str:
         settings_pb2.GetMailSettingsRequest(), metadata=SUPERADMIN, timeout=5
     )
     return str(reply.etag)
+
+
+def has_etag(server: Server, wanted: str) -> Callable[[], bool]:
+    return lambda: etag(server) == wanted
 
 
 def start_replicas(
@@ -147,7 +151,7 @@ def test_settings_written_on_one_replica_are_used_by_the_others(cluster: Cluster
         started = time.monotonic()
         stored = a.put_settings(base_settings(other, default_from="moved@example.com"))
         for replica in (b, c):
-            wait_until(lambda r=replica: etag(r) == stored.etag, PROPAGATION, "new etag")
+            wait_until(has_etag(replica, stored.etag), PROPAGATION, "new etag")
         assert time.monotonic() - started < PROPAGATION
         send(c, to=["x@example.com"], subject="via c", text="t")
         (mail,) = other.wait_for(1)
