@@ -518,11 +518,28 @@ def test_a_database_restart_under_load_fails_calls_unavailable_then_recovers(
         wait_until(lambda: codes["UNAVAILABLE"] >= 2, 10, "calls refused")
         # Every kind of call that needs the database says UNAVAILABLE, not INTERNAL.
         write = settings_pb2.UpdateMailSettingsRequest(settings=base_settings(sink))
-        for call, request in (
+        suppressions = suppression_pb2_grpc.SuppressionServiceStub(a.channel)
+        entry = mail_pb2.BatchEntry(to=["batch@example.com"], parameters=struct({"n": "b"}))
+        calls: list[tuple[Callable[..., Any], Any]] = [
             (a.settings.UpdateMailSettings, write),
+            (a.settings.DeleteMailSettings, settings_pb2.DeleteMailSettingsRequest()),
+            (a.settings.UpdateSettingsAcl, settings_pb2.UpdateSettingsAclRequest()),
             (a.mail.GetMessage, mail_pb2.GetMessageRequest(id="x")),
             (a.mail.ListMessages, mail_pb2.ListMessagesRequest()),
-        ):
+            (a.mail.CancelMessage, mail_pb2.CancelMessageRequest(id="x")),
+            (
+                a.mail.SendMailBatch,
+                mail_pb2.SendMailBatchRequest(template_name="t", entries=[entry]),
+            ),
+            (suppressions.ListSuppressions, suppression_pb2.ListSuppressionsRequest()),
+            (
+                suppressions.AddSuppression,
+                suppression_pb2.AddSuppressionRequest(
+                    suppression=suppression_pb2.Suppression(address="s@example.com")
+                ),
+            ),
+        ]
+        for call, request in calls:
             err = expect_error(
                 grpc.StatusCode.UNAVAILABLE, call, request, metadata=SUPERADMIN, timeout=20
             )
