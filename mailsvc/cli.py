@@ -1,4 +1,4 @@
-"""Command line: `mailsvc serve`, `mailsvc token`, and the client commands of client_cli."""
+"""Command line: `mailsvc serve`, `token`, `dkim-record`, and the client commands of client_cli."""
 
 from __future__ import annotations
 
@@ -45,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     move.add_argument(
         "--force", action="store_true", help="overwrite settings the database already holds"
+    )
+
+    record = sub.add_parser(
+        "dkim-record",
+        help="print the DNS TXT record (name, then value) publishing a DKIM key's public half",
+    )
+    record.add_argument("--domain", required=True, help="the signing domain (d=)")
+    record.add_argument("--selector", required=True, help="the selector (s=)")
+    record.add_argument(
+        "--key-file", required=True, help="the PEM private key (RSA or Ed25519), unencrypted"
     )
 
     client_cli.add_commands(sub)  # settings get|put, send, render, health
@@ -120,10 +130,43 @@ def _migrate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
+def _dkim_record(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Offline: the record to publish for a key file; the key itself is never printed."""
+    from mailsvc.addresses import is_host_name
+    from mailsvc.dkim import DkimKeyError, dns_txt_record
+
+    for name in ("domain", "selector"):
+        value = getattr(args, name)
+        if not (value.isascii() and is_host_name(value)):
+            print(
+                f"mailsvc: --{name} must be a DNS name (IDNs in their xn-- form)", file=sys.stderr
+            )
+            return 2
+    try:
+        with open(args.key_file, "rb") as f:
+            pem = f.read()
+    except OSError as exc:
+        print(f"mailsvc: cannot read {args.key_file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        name, value = dns_txt_record(args.selector, args.domain, pem)
+    except DkimKeyError as exc:
+        print(f"mailsvc: {args.key_file}: {exc}", file=sys.stderr)
+        return 2
+    print(name)
+    print(value)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environ = dict(os.environ)
-    commands = {"serve": _serve, "token": _token, "migrate-to-database": _migrate}
+    commands = {
+        "serve": _serve,
+        "token": _token,
+        "dkim-record": _dkim_record,
+        "migrate-to-database": _migrate,
+    }
     if args.command in commands:
         return commands[args.command](args, environ)
     return client_cli.run(args, environ)

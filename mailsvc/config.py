@@ -92,6 +92,13 @@ class Config:
     metrics_listen: str = field(
         default="", metadata=meta("host:port for Prometheus /metrics", shown_default="empty = off")
     )
+    webhook_listen: str = field(
+        default="",
+        metadata=meta(
+            "host:port for Mailgun's delivery webhooks (POST /webhooks/mailgun, plain HTTP)",
+            shown_default="empty = off",
+        ),
+    )
     log_format: str = field(
         default="text",
         metadata=meta("log lines as text or one JSON object each", choices=("text", "json")),

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from mailsvc.config import Config
+from mailsvc.dkim import DkimSigner
 from mailsvc.errors import DeadlineExceeded, FailedPrecondition, MailsvcError, ResourceExhausted
 from mailsvc.message import Mail
 from mailsvc.metrics import Metrics
@@ -87,12 +88,19 @@ class Mailer:
                 start_tls_required=s.start_tls_required,
                 ssl_on_connect=s.ssl_on_connect,
             )
+            signer = None
+            if s.HasField("dkim"):
+                # The key is parsed once per settings version, not per mail.
+                signer = DkimSigner.from_settings(
+                    s.dkim.domain, s.dkim.selector, s.dkim.private_key
+                )
             transports.append(
                 SmtpTransport(
                     account,
                     max_message_bytes=limit,
                     timeout=config.smtp_timeout,
                     pool_size=config.smtp_pool_size,
+                    signer=signer,
                 )
             )
         if settings.HasField("mailgun"):

@@ -65,6 +65,18 @@ class Metrics:
             registry=r,
         )
 
+        self.webhook_requests = Counter(
+            "mailsvc_webhook_requests",
+            "Mailgun webhook calls answered, by outcome (ok, unauthorized, replayed, ...)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_events = Counter(
+            "mailsvc_webhook_events",
+            "Mailgun events taken (signed, new, well-formed), by type",
+            ["type"],
+            registry=r,
+        )
         self.messages = Gauge(
             "mailsvc_messages",
             "Message records by status (refreshed every few seconds from the store)",

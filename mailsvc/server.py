@@ -44,6 +44,8 @@ from mailsvc.v1 import (
     suppression_pb2,
     suppression_pb2_grpc,
 )
+from mailsvc.webhooks import PATH as WEBHOOK_PATH
+from mailsvc.webhooks import MailgunWebhook, StoreApplier, WebhookServer, make_app
 
 log = logging.getLogger(__name__)
 SETTLE_SECONDS = 0.5
@@ -77,6 +79,7 @@ class Running:
     metrics: Metrics
     mail: MailServicer
     workers: QueueWorkers
+    webhook: MailgunWebhook
     stores: Stores
 
 
@@ -223,6 +226,7 @@ def _wire(
         metrics,
         mail_servicer,
         workers,
+        _webhook(store, storage, metrics, sender),
         stores,
     )
 
@@ -240,6 +244,29 @@ async def _reload_forever(store: SettingsBackend, metrics: Metrics, interval: fl
         except Exception:  # whatever it was, the reload must go on for the next edit
             metrics.settings_reloads.labels("error").inc()
             log.exception("settings reload failed; the last good settings keep serving")
+
+
+def _webhook(
+    store: SettingsBackend, storage: Storage, metrics: Metrics, sender: Sender
+) -> MailgunWebhook:
+    """Mailgun's webhook handler; the signing key is read per call from the settings in use,
+    so a key stored now is used by the next call."""
+    return MailgunWebhook(
+        signing_key=lambda: store.snapshot.settings.mailgun.webhook_signing_key,
+        apply=StoreApplier(storage, on_suppressed=sender.suppressions.note_added),
+        count_outcome=lambda outcome: metrics.webhook_requests.labels(outcome).inc(),
+        count_event=lambda kind: metrics.webhook_events.labels(kind).inc(),
+    )
+
+
+async def _start_webhooks(config: Config, running: Running) -> WebhookServer:
+    host, _, port = config.webhook_listen.rpartition(":")
+    try:
+        return await WebhookServer.start(
+            make_app(running.webhook), host.strip("[]") or "0.0.0.0", int(port)
+        )
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"cannot serve webhooks on {config.webhook_listen}") from exc
 
 
 async def _queue_gauges_forever(metrics: Metrics, storage: Storage) -> None:
@@ -312,6 +339,15 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         except (OSError, ValueError) as exc:
             raise ListenError(f"cannot serve metrics on {config.metrics_listen}") from exc
     await running.server.start()
+    webhooks = None
+    if config.webhook_listen:
+        try:
+            webhooks = await _start_webhooks(config, running)
+        except ListenError:
+            await running.server.stop(None)
+            await running.stores.close()
+            raise
+        log.info("mailgun webhooks on http://%s%s", config.webhook_listen, WEBHOOK_PATH)
     await _set_health(running.health, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "mailsvc listening on %s%s (%s)",
@@ -357,6 +393,8 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         running.server.stop(config.grace_seconds),
         running.workers.aclose(config.grace_seconds),
     )
+    if webhooks is not None:
+        await webhooks.aclose()
     await running.idempotency.aclose(timeout=config.grace_seconds)
     await running.mailer.aclose()
     await running.stores.close()

@@ -12,10 +12,11 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 
 from mailsvc.addresses import is_host_name, parse_address
+from mailsvc.dkim import validate_private_key
 from mailsvc.errors import FieldViolation, InvalidArgument
 from mailsvc.limits import validate_rules
 from mailsvc.templates import LIST_FIELDS, CompiledTemplate, TemplateEngine
-from mailsvc.v1.settings_pb2 import MailSettings, MailTemplate
+from mailsvc.v1.settings_pb2 import DkimSettings, MailSettings, MailTemplate
 
 TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TEMPLATE_BYTES = 256 * 1024  # one template serialized: all its string fields together
@@ -42,6 +43,8 @@ class Secret:
 SECRETS = (
     Secret(("smtp", "password"), "password_set"),
     Secret(("mailgun", "key"), "key_set"),
+    Secret(("smtp", "dkim", "private_key"), "private_key_set"),
+    Secret(("mailgun", "webhook_signing_key"), "webhook_signing_key_set"),
 )
 _OUTPUT_ONLY = {"etag", *(s.flag_path for s in SECRETS)}
 
@@ -180,6 +183,8 @@ def check(
             v.append(FieldViolation("settings.smtp.host", "required when smtp is set"))
         if not 0 <= smtp.port <= 65535:
             v.append(FieldViolation("settings.smtp.port", "must be between 0 and 65535"))
+        if smtp.HasField("dkim"):
+            v.extend(_check_dkim(smtp.dkim))
     if settings.HasField("mailgun"):
         mg = settings.mailgun
         if not mg.domain.strip():
@@ -211,6 +216,27 @@ def check(
             compiled[name] = result
     engine.keep_only_used()
     return compiled, v
+
+
+def _check_dkim(dkim: DkimSettings) -> list[FieldViolation]:
+    """Domain and selector are DNS names; the key (stored or given) must sign. Never echoed."""
+    v: list[FieldViolation] = []
+    path = "settings.smtp.dkim"
+    for name in ("domain", "selector"):
+        value = getattr(dkim, name)
+        if not value.strip():
+            v.append(FieldViolation(f"{path}.{name}", "required when smtp.dkim is set"))
+        elif not (value.isascii() and is_host_name(value)):
+            v.append(
+                FieldViolation(f"{path}.{name}", "must be a DNS name (IDNs in their xn-- form)")
+            )
+    if not dkim.private_key:
+        v.append(FieldViolation(f"{path}.private_key", "required when smtp.dkim is first set"))
+    else:
+        problem = validate_private_key(dkim.private_key)
+        if problem is not None:
+            v.append(FieldViolation(f"{path}.private_key", problem))
+    return v
 
 
 def names_only_output_fields(mask: FieldMask) -> bool:

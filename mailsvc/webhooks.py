@@ -3,7 +3,14 @@
 The pure core (signature check, body parsing, what an event means for us) is separate from
 the HTTP edge, which takes its collaborators as callables so it runs without a real store:
 
-    signing key ─▶ verify ─▶ parse ─▶ remember token (replay?) ─▶ apply (record, suppression)
+    signing key ─▶ verify ─▶ parse ─▶ (remember token + apply to record and suppression list)
+
+The token is remembered in the same store transaction that applies the event. Remembering it
+first, in a transaction of its own, lost events: when applying then failed (503), Mailgun's
+retry with the same token was refused as a replay (406) and never retried again. Applying
+first and remembering after would let two copies of one call both apply (a duplicate event
+row). In one transaction a failure leaves nothing behind, so the retry is applied, and a replay
+can never apply twice.
 
 Answers: 200 accepted (also for events we ignore or messages we do not know), 400 malformed,
 401 bad, missing or stale signature, 406 token replayed (Mailgun does not retry a 406),
@@ -176,60 +183,106 @@ def action_for(event: MailgunEvent) -> Action | None:
     return None
 
 
+class Applied(enum.Enum):
+    """What became of a signed, well-formed call."""
+
+    APPLIED = "accepted"  # the record changed (and the recipient was suppressed, if asked)
+    IGNORED = "ignored"  # an event we do not track, or a mail we do not know
+    REPLAYED = "replayed"  # the token was seen before: nothing changed
+
+
 class EventStore(Protocol):
     """The part of mailsvc.storage.base.Storage that applying events uses."""
 
-    async def add_event(
-        self, header_message_id: str, status: Status | None, detail: str, *, now: float
-    ) -> Event | None: ...
+    async def remember_token(self, token: str, *, now: float, ttl: float) -> bool: ...
 
-    async def add_suppression(self, entry: Suppression) -> Suppression: ...
+    async def webhook_event(
+        self,
+        token: str,
+        *,
+        ttl: float,
+        header_message_id: str,
+        status: Status | None,
+        detail: str,
+        suppression: Suppression | None,
+        now: float,
+    ) -> tuple[bool, Event | None]: ...
 
 
 class StoreApplier:
-    """Applies an event to the store: the record first; suppression only for a known mail."""
+    """Applies a call to the store: token, record and suppression in one transaction."""
 
-    __slots__ = ("_store",)
+    __slots__ = ("_on_suppressed", "_store")
 
-    def __init__(self, store: EventStore) -> None:
+    def __init__(
+        self, store: EventStore, *, on_suppressed: Callable[[], None] = lambda: None
+    ) -> None:
         self._store = store
+        # Tells this process's suppression cache at once (mailsvc.sending.SuppressionCache).
+        self._on_suppressed = on_suppressed
 
-    async def __call__(self, event: MailgunEvent, action: Action, now: float) -> bool:
-        if not event.message_id:
-            return False
-        written = await self._store.add_event(
-            event.message_id, action.status, action.detail, now=now
-        )
-        if written is None:
-            return False  # not one of ours (or purged): ignored, as the contract says
+    async def __call__(
+        self, token: str, event: MailgunEvent, action: Action | None, now: float
+    ) -> Applied:
+        if action is None or not event.message_id:
+            # Nothing to apply; the token is still spent, so a replay is told apart.
+            fresh = await self._store.remember_token(token, now=now, ttl=TOKEN_TTL)
+            return Applied.IGNORED if fresh else Applied.REPLAYED
+        suppression = None
         if action.suppress is not None and event.recipient:
-            await self._store.add_suppression(
-                Suppression(
-                    address=event.recipient,
-                    reason=action.suppress,
-                    create_time=now,
-                    detail=action.detail,
-                )
+            suppression = Suppression(
+                address=event.recipient,
+                reason=action.suppress,
+                create_time=now,
+                detail=action.detail,
             )
-        return True
+        fresh, written = await self._store.webhook_event(
+            token,
+            ttl=TOKEN_TTL,
+            header_message_id=event.message_id,
+            status=action.status,
+            detail=action.detail,
+            suppression=suppression,
+            now=now,
+        )
+        if not fresh:
+            return Applied.REPLAYED
+        if written is not None and suppression is not None:
+            self._on_suppressed()
+        # Not one of ours (or purged): ignored, as the contract says.
+        return Applied.APPLIED if written is not None else Applied.IGNORED
 
 
 SigningKey = Callable[[], str]  # the current settings' key; "" when none is set
-RememberToken = Callable[[str, float], Awaitable[bool]]  # (token, now) -> True if new
-ApplyEvent = Callable[[MailgunEvent, Action, float], Awaitable[bool]]  # -> True if it matched
+# (token, event, action or None, now) -> what became of it
+ApplyEvent = Callable[[str, MailgunEvent, Action | None, float], Awaitable[Applied]]
+Outcomes = Callable[[str], None]  # counts a request by its outcome (metrics)
+Events = Callable[[str], None]  # counts an applied or ignored event by its type (metrics)
 
 
-class TokenStore(Protocol):
-    async def remember_token(self, token: str, *, now: float, ttl: float) -> bool: ...
+def _ignore(_: str) -> None:
+    pass
 
 
-def token_memory(store: TokenStore) -> RememberToken:
-    """`remember_token` for MailgunWebhook, keeping tokens as long as they could be replayed."""
+# Metric labels of the answers; a bounded set whatever the callers send.
+_OUTCOMES = {
+    200: "ok",
+    400: "malformed",
+    401: "unauthorized",
+    406: "replayed",
+    413: "too_large",
+    415: "unsupported_type",
+    503: "unavailable",
+}
 
-    async def remember(token: str, now: float) -> bool:
-        return await store.remember_token(token, now=now, ttl=TOKEN_TTL)
 
-    return remember
+def _event_label(event: MailgunEvent, action: Action | None) -> str:
+    """A metric label for the event: a bounded set whatever the callers send."""
+    if action is None:
+        return "other"
+    if event.event == "failed":
+        return "failed_permanent" if event.severity == "permanent" else "failed_temporary"
+    return event.event
 
 
 def _answer(status: int, message: str) -> web.Response:
@@ -239,23 +292,30 @@ def _answer(status: int, message: str) -> web.Response:
 class MailgunWebhook:
     """The request handler; collaborators are passed in so it can run without a real store."""
 
-    __slots__ = ("_apply", "_clock", "_remember", "_signing_key")
+    __slots__ = ("_apply", "_clock", "_count_event", "_count_outcome", "_signing_key")
 
     def __init__(
         self,
         *,
         signing_key: SigningKey,
-        remember_token: RememberToken,
         apply: ApplyEvent,
         clock: Callable[[], float] = time.time,
+        count_outcome: Outcomes = _ignore,
+        count_event: Events = _ignore,
     ) -> None:
         self._signing_key = signing_key
-        self._remember = remember_token
         self._apply = apply
         self._clock = clock
+        self._count_outcome = count_outcome
+        self._count_event = count_event
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one webhook request; never raises (but for cancellation)."""
+        response = await self._answered(request)
+        self._count_outcome(_OUTCOMES.get(response.status, str(response.status)))
+        return response
+
+    async def _answered(self, request: web.Request) -> web.Response:
         try:
             return await self._handle(request)
         except web.HTTPRequestEntityTooLarge:
@@ -297,22 +357,21 @@ class MailgunWebhook:
             event = parse_event(body)
         except MalformedEvent as exc:
             return _answer(400, str(exc))
-        if not await self._remember(str(sig["token"]), now):
+        action = action_for(event)
+        applied = await self._apply(str(sig["token"]), event, action, now)
+        if applied is Applied.REPLAYED:
             log.info("mailgun webhook refused: token replayed")
             return _answer(406, "token already used")
-
-        action = action_for(event)
-        if action is None:
-            return _answer(200, "ignored")
-        matched = await self._apply(event, action, now)
-        log.info(
-            "mailgun webhook: %s%s for message %s: %s",
-            event.event,
-            f" ({event.severity})" if event.severity else "",
-            event.message_id or "-",
-            "applied" if matched else "unknown message, ignored",
-        )
-        return _answer(200, "accepted" if matched else "ignored")
+        self._count_event(_event_label(event, action))
+        if action is not None:
+            log.info(
+                "mailgun webhook: %s%s for message %s: %s",
+                event.event,
+                f" ({event.severity})" if event.severity else "",
+                event.message_id or "-",
+                "applied" if applied is Applied.APPLIED else "unknown message, ignored",
+            )
+        return _answer(200, applied.value)
 
 
 def make_app(handler: MailgunWebhook) -> web.Application:
@@ -334,7 +393,11 @@ class WebhookServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         bound = runner.addresses[0][1]
         return cls(runner, int(bound))
 

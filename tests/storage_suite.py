@@ -461,3 +461,69 @@ async def test_webhook_tokens_are_remembered_until_they_expire(storage: Storage)
     assert await storage.remember_token("t1", now=T0 + 10, ttl=600) is False
     assert await storage.remember_token("t2", now=T0 + 10, ttl=600) is True
     assert await storage.remember_token("t1", now=T0 + 601, ttl=600) is True
+
+
+async def test_webhook_event_is_one_transaction_keyed_by_its_token(storage: Storage) -> None:
+    await storage.insert([new("m1", status=Status.SENT, message_id="<mg-1@mg.example.org>")])
+    bounce = Suppression(address="Bob@Example.org", reason=1, create_time=T0, detail="bounced")
+    fresh, event = await storage.webhook_event(
+        "tok-1",
+        ttl=600,
+        header_message_id="mg-1@mg.example.org",
+        status=Status.BOUNCED,
+        detail="bounced",
+        suppression=bounce,
+        now=T0 + 5,
+    )
+    assert fresh and event is not None and event.message_id == "m1"
+    assert event.status is Status.BOUNCED
+    assert await storage.suppressed(["bob@example.org"]) == {"bob@example.org"}
+    # the same token again: refused, nothing written
+    await storage.delete_suppression("bob@example.org")
+    again = await storage.webhook_event(
+        "tok-1",
+        ttl=600,
+        header_message_id="mg-1@mg.example.org",
+        status=Status.COMPLAINED,
+        detail="complained",
+        suppression=bounce,
+        now=T0 + 6,
+    )
+    assert again == (False, None)
+    record = await storage.get("m1")
+    assert record is not None and record.status is Status.BOUNCED
+    assert [e.detail for e in record.events][-1] == "bounced"
+    assert await storage.suppressed(["bob@example.org"]) == set()
+    # an unknown message: the token is kept, nobody is suppressed
+    unknown = await storage.webhook_event(
+        "tok-2",
+        ttl=600,
+        header_message_id="other@elsewhere",
+        status=Status.BOUNCED,
+        detail="x",
+        suppression=bounce,
+        now=T0 + 7,
+    )
+    assert unknown == (True, None)
+    assert await storage.suppressed(["bob@example.org"]) == set()
+    assert await storage.remember_token("tok-2", now=T0 + 8, ttl=600) is False
+
+
+async def test_a_failed_webhook_event_leaves_nothing_not_even_its_token(storage: Storage) -> None:
+    await storage.insert([new("m1", status=Status.SENT, message_id="<mg-1@mg.example.org>")])
+    broken = Suppression(address=None, reason=1, create_time=T0)  # type: ignore[arg-type]
+    with pytest.raises(Exception):  # noqa: B017 - whatever the store raises
+        await storage.webhook_event(
+            "tok-1",
+            ttl=600,
+            header_message_id="mg-1@mg.example.org",
+            status=Status.BOUNCED,
+            detail="bounced",
+            suppression=broken,
+            now=T0 + 5,
+        )
+    record = await storage.get("m1")
+    assert record is not None and record.status is Status.SENT
+    assert [e.status for e in record.events] == [Status.SENT]
+    # the provider's retry with the same token is taken
+    assert await storage.remember_token("tok-1", now=T0 + 6, ttl=600) is True

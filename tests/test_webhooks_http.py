@@ -30,7 +30,6 @@ from mailsvc.webhooks import (
     StoreApplier,
     WebhookServer,
     make_app,
-    token_memory,
 )
 
 KEY = "whsec-0123456789abcdef"
@@ -68,6 +67,27 @@ class RecordingStore:
         self.suppressions.append(entry)
         return entry
 
+    async def webhook_event(
+        self,
+        token: str,
+        *,
+        ttl: float,
+        header_message_id: str,
+        status: Status | None,
+        detail: str,
+        suppression: Suppression | None,
+        now: float,
+    ) -> tuple[bool, Event | None]:
+        # as the stores do it: one transaction, so a failure leaves not even the token
+        if self.fail_with is not None:
+            raise self.fail_with
+        if not await self.remember_token(token, now=now, ttl=ttl):
+            return False, None
+        event = await self.add_event(header_message_id, status, detail, now=now)
+        if event is not None and suppression is not None:
+            await self.add_suppression(suppression)
+        return True, event
+
 
 @dataclass
 class Webhook:
@@ -90,7 +110,6 @@ def webhook() -> Iterator[Webhook]:
     keys = [KEY]
     handler = MailgunWebhook(
         signing_key=lambda: keys[0],
-        remember_token=token_memory(store),
         apply=StoreApplier(store),
     )
     loop = asyncio.new_event_loop()
@@ -336,6 +355,18 @@ def test_store_failures_are_503_never_500(webhook: Webhook) -> None:
     r = webhook.post(body("delivered"))
     assert r.status_code == 503
     assert "internals" not in r.text
+
+
+def test_a_call_that_failed_is_applied_when_retried_with_its_token(webhook: Webhook) -> None:
+    payload = body("failed", severity="permanent")
+    webhook.store.fail_with = StorageError("database away")
+    assert webhook.post(payload).status_code == 503
+    webhook.store.fail_with = None
+    r = webhook.post(payload)  # Mailgun's retry: the same signature, token and body
+    assert r.status_code == 200, r.text
+    assert r.json() == {"message": "accepted"}
+    assert len(webhook.store.events) == 1 and len(webhook.store.suppressions) == 1
+    assert webhook.post(payload).status_code == 406
 
 
 def test_only_post_on_the_webhook_path(webhook: Webhook) -> None:

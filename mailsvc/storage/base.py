@@ -265,6 +265,23 @@ class Storage(Protocol):
         """True if the token is new (and is now remembered), False if seen before."""
         ...
 
+    async def webhook_event(
+        self,
+        token: str,
+        *,
+        ttl: float,
+        header_message_id: str,
+        status: Status | None,
+        detail: str,
+        suppression: Suppression | None,
+        now: float,
+    ) -> tuple[bool, Event | None]:
+        """One provider report in one transaction: remember `token` as remember_token does
+        (False, None and nothing else when it was seen before), then add_event, then, when a
+        record matched, add `suppression`. A failure leaves nothing, not even the token,
+        so the provider's retry with the same token is applied."""
+        ...
+
     # --- change feed
     def events(self) -> AsyncIterator[Event]:
         """Every event written from now on by any process sharing the store, in order per

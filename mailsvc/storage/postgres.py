@@ -368,32 +368,12 @@ class PostgresStorage:
     async def add_event(
         self, header_message_id: str, status: Status | None, detail: str, *, now: float
     ) -> Event | None:
-        wanted = header_message_id.strip().strip("<>")
-        if not wanted:
+        if not header_message_id.strip().strip("<>"):
             return None
 
         async def work(conn: Conn, retried: bool) -> Event | None:
             async with conn.transaction():
-                row = await conn.fetchrow(
-                    "SELECT id, caller, status FROM messages"
-                    " WHERE (btrim(message_id, '<>') = $1 AND message_id <> '')"
-                    " OR (btrim(header_message_id, '<>') = $1 AND header_message_id <> '')"
-                    " ORDER BY create_time DESC, id DESC LIMIT 1 FOR UPDATE",
-                    wanted,
-                )
-                if row is None:
-                    return None
-                new_status = int(status) if status is not None else row["status"]
-                await conn.execute(
-                    "UPDATE messages SET status = $2, update_time = $3 WHERE id = $1",
-                    row["id"],
-                    new_status,
-                    now,
-                )
-                written = await write_events(
-                    conn, [(row["id"], now, new_status, detail, row["caller"])]
-                )
-            return written[0]
+                return await _add_event(conn, header_message_id, status, detail, now)
 
         return await self._run(work, retry=False)
 
@@ -556,17 +536,7 @@ class PostgresStorage:
 
     async def add_suppression(self, entry: Suppression) -> Suppression:
         async def work(conn: Conn, retried: bool) -> Suppression:
-            row = await conn.fetchrow(
-                "INSERT INTO suppressions (address, reason, create_time, detail)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (address) DO UPDATE"
-                " SET reason = $2, detail = $4 RETURNING address, reason, create_time, detail",
-                entry.address.lower(),
-                entry.reason,
-                entry.create_time,
-                entry.detail,
-            )
-            assert row is not None
-            return Suppression(address=row[0], reason=row[1], create_time=row[2], detail=row[3])
+            return await _add_suppression(conn, entry)
 
         return await self._run(work, retry=True)
 
@@ -659,21 +629,88 @@ class PostgresStorage:
     # --- webhook tokens
     async def remember_token(self, token: str, *, now: float, ttl: float) -> bool:
         async def work(conn: Conn, retried: bool) -> bool:
-            new = await conn.fetchval(
-                "INSERT INTO webhook_tokens (token, expire_time) VALUES ($1, $2)"
-                " ON CONFLICT (token) DO UPDATE SET expire_time = $2"
-                " WHERE webhook_tokens.expire_time <= $3 RETURNING 1",
-                token,
-                now + ttl,
-                now,
-            )
-            return new is not None
+            return await _remember_token(conn, token, now, ttl)
+
+        return await self._run(work, retry=False)
+
+    async def webhook_event(
+        self,
+        token: str,
+        *,
+        ttl: float,
+        header_message_id: str,
+        status: Status | None,
+        detail: str,
+        suppression: Suppression | None,
+        now: float,
+    ) -> tuple[bool, Event | None]:
+        async def work(conn: Conn, retried: bool) -> tuple[bool, Event | None]:
+            async with conn.transaction():
+                if not await _remember_token(conn, token, now, ttl):
+                    return False, None
+                event = await _add_event(conn, header_message_id, status, detail, now)
+                if event is not None and suppression is not None:
+                    await _add_suppression(conn, suppression)
+                return True, event
 
         return await self._run(work, retry=False)
 
     # --- change feed
     def events(self) -> AsyncIterator[Event]:
         return self._feed.subscribe()
+
+
+async def _add_event(
+    conn: Conn, header_message_id: str, status: Status | None, detail: str, now: float
+) -> Event | None:
+    """add_event's work, inside the caller's transaction."""
+    wanted = header_message_id.strip().strip("<>")
+    if not wanted:
+        return None
+    row = await conn.fetchrow(
+        "SELECT id, caller, status FROM messages"
+        " WHERE (btrim(message_id, '<>') = $1 AND message_id <> '')"
+        " OR (btrim(header_message_id, '<>') = $1 AND header_message_id <> '')"
+        " ORDER BY create_time DESC, id DESC LIMIT 1 FOR UPDATE",
+        wanted,
+    )
+    if row is None:
+        return None
+    new_status = int(status) if status is not None else row["status"]
+    await conn.execute(
+        "UPDATE messages SET status = $2, update_time = $3 WHERE id = $1",
+        row["id"],
+        new_status,
+        now,
+    )
+    written = await write_events(conn, [(row["id"], now, new_status, detail, row["caller"])])
+    return written[0]
+
+
+async def _add_suppression(conn: Conn, entry: Suppression) -> Suppression:
+    row = await conn.fetchrow(
+        "INSERT INTO suppressions (address, reason, create_time, detail)"
+        " VALUES ($1, $2, $3, $4) ON CONFLICT (address) DO UPDATE"
+        " SET reason = $2, detail = $4 RETURNING address, reason, create_time, detail",
+        entry.address.lower(),
+        entry.reason,
+        entry.create_time,
+        entry.detail,
+    )
+    assert row is not None
+    return Suppression(address=row[0], reason=row[1], create_time=row[2], detail=row[3])
+
+
+async def _remember_token(conn: Conn, token: str, now: float, ttl: float) -> bool:
+    new = await conn.fetchval(
+        "INSERT INTO webhook_tokens (token, expire_time) VALUES ($1, $2)"
+        " ON CONFLICT (token) DO UPDATE SET expire_time = $2"
+        " WHERE webhook_tokens.expire_time <= $3 RETURNING 1",
+        token,
+        now + ttl,
+        now,
+    )
+    return new is not None
 
 
 def _retry_after(

@@ -644,30 +644,11 @@ class SqliteStorage:
     async def add_event(
         self, header_message_id: str, status: Status | None, detail: str, *, now: float
     ) -> Event | None:
-        bare = header_message_id.strip().strip("<>")
-        if not bare:
+        if not header_message_id.strip().strip("<>"):
             return None
-        forms = (bare, f"<{bare}>")
-
-        def job(tx: _Tx) -> Event | None:
-            conn = tx.conn
-            row = conn.execute(
-                "SELECT seq, id, caller, status FROM messages WHERE message_id IN (?, ?) "
-                "UNION ALL SELECT seq, id, caller, status FROM messages "
-                "WHERE header_message_id IN (?, ?) ORDER BY seq DESC LIMIT 1",
-                (*forms, *forms),
-            ).fetchone()
-            if row is None:
-                return None
-            seq, id_, caller, current = row
-            if status is not None:
-                conn.execute(
-                    "UPDATE messages SET status = ?, update_time = ? WHERE seq = ?",
-                    (int(status), now, seq),
-                )
-            return tx.event(seq, id_, caller, now, status or Status(current), detail)
-
-        return await self._writing(job)
+        return await self._writing(
+            lambda tx: _add_event(tx, header_message_id, status, detail, now)
+        )
 
     async def get(self, id: str) -> MessageRecord | None:
         return await self._reading(lambda conn: _get(conn, id))
@@ -824,22 +805,7 @@ class SqliteStorage:
         return await self._reading(read)
 
     async def add_suppression(self, entry: Suppression) -> Suppression:
-        address = entry.address.lower()
-
-        def job(tx: _Tx) -> Suppression:
-            # A repeat updates reason and detail; the entry keeps its first create_time.
-            tx.conn.execute(
-                "INSERT INTO suppressions VALUES (?, ?, ?, ?) ON CONFLICT (address) DO UPDATE "
-                "SET reason = excluded.reason, detail = excluded.detail",
-                (address, entry.reason, entry.create_time, entry.detail),
-            )
-            row = tx.conn.execute(
-                "SELECT address, reason, create_time, detail FROM suppressions WHERE address = ?",
-                (address,),
-            ).fetchone()
-            return Suppression(address=row[0], reason=row[1], create_time=row[2], detail=row[3])
-
-        return await self._writing(job)
+        return await self._writing(lambda tx: _add_suppression(tx, entry))
 
     async def delete_suppression(self, address: str) -> bool:
         def job(tx: _Tx) -> bool:
@@ -921,16 +887,26 @@ class SqliteStorage:
     # --- webhook tokens
 
     async def remember_token(self, token: str, *, now: float, ttl: float) -> bool:
-        def job(tx: _Tx) -> bool:
-            row = tx.conn.execute(
-                "SELECT expires FROM webhook_tokens WHERE token = ?", (token,)
-            ).fetchone()
-            if row is not None and row[0] > now:
-                return False
-            tx.conn.execute(
-                "INSERT OR REPLACE INTO webhook_tokens VALUES (?, ?)", (token, now + ttl)
-            )
-            return True
+        return await self._writing(lambda tx: _remember_token(tx, token, now, ttl))
+
+    async def webhook_event(
+        self,
+        token: str,
+        *,
+        ttl: float,
+        header_message_id: str,
+        status: Status | None,
+        detail: str,
+        suppression: Suppression | None,
+        now: float,
+    ) -> tuple[bool, Event | None]:
+        def job(tx: _Tx) -> tuple[bool, Event | None]:
+            if not _remember_token(tx, token, now, ttl):
+                return False, None
+            event = _add_event(tx, header_message_id, status, detail, now)
+            if event is not None and suppression is not None:
+                _add_suppression(tx, suppression)
+            return True, event
 
         return await self._writing(job)
 
@@ -938,6 +914,54 @@ class SqliteStorage:
 
     def events(self) -> Subscription[Event]:
         return self._hub.subscribe()
+
+
+def _add_event(
+    tx: _Tx, header_message_id: str, status: Status | None, detail: str, now: float
+) -> Event | None:
+    bare = header_message_id.strip().strip("<>")
+    if not bare:
+        return None
+    forms = (bare, f"<{bare}>")
+    conn = tx.conn
+    row = conn.execute(
+        "SELECT seq, id, caller, status FROM messages WHERE message_id IN (?, ?) "
+        "UNION ALL SELECT seq, id, caller, status FROM messages "
+        "WHERE header_message_id IN (?, ?) ORDER BY seq DESC LIMIT 1",
+        (*forms, *forms),
+    ).fetchone()
+    if row is None:
+        return None
+    seq, id_, caller, current = row
+    if status is not None:
+        conn.execute(
+            "UPDATE messages SET status = ?, update_time = ? WHERE seq = ?",
+            (int(status), now, seq),
+        )
+    return tx.event(seq, id_, caller, now, status or Status(current), detail)
+
+
+def _add_suppression(tx: _Tx, entry: Suppression) -> Suppression:
+    address = entry.address.lower()
+    # A repeat updates reason and detail; the entry keeps its first create_time.
+    tx.conn.execute(
+        "INSERT INTO suppressions VALUES (?, ?, ?, ?) ON CONFLICT (address) DO UPDATE "
+        "SET reason = excluded.reason, detail = excluded.detail",
+        (address, entry.reason, entry.create_time, entry.detail),
+    )
+    row = tx.conn.execute(
+        "SELECT address, reason, create_time, detail FROM suppressions WHERE address = ?",
+        (address,),
+    ).fetchone()
+    return Suppression(address=row[0], reason=row[1], create_time=row[2], detail=row[3])
+
+
+def _remember_token(tx: _Tx, token: str, now: float, ttl: float) -> bool:
+    row = tx.conn.execute("SELECT expires FROM webhook_tokens WHERE token = ?", (token,)).fetchone()
+    if row is not None and row[0] > now:
+        return False
+    tx.conn.execute("INSERT OR REPLACE INTO webhook_tokens VALUES (?, ?)", (token, now + ttl))
+    return True
 
 
 def _retry_after(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import aiosmtplib
 
 from mailsvc.addresses import is_loopback_host
+from mailsvc.dkim import DkimSigner
 from mailsvc.errors import (
     DeliveryUncertain,
     FailedPrecondition,
@@ -136,8 +137,10 @@ class SmtpTransport:
         max_message_bytes: int,
         timeout: float,
         pool_size: int = 4,
+        signer: DkimSigner | None = None,
     ) -> None:
         self._account = account
+        self._signer = signer
         self._max_bytes = max_message_bytes
         self._timeout = timeout
         self._pool_size = pool_size
@@ -240,6 +243,9 @@ class SmtpTransport:
     async def send(self, mail: Mail, *, timeout: float, message_id: str = "") -> Delivery:
         message_id = message_id or new_message_id(mail.sender)
         raw = build_mime(mail, message_id)
+        if self._signer is not None:
+            # Signed last, over the very bytes DATA sends.
+            raw = self._signer.sign(raw)
         check_size(len(raw), self._max_bytes)
         timeout = min(timeout, self._timeout)
         in_data = False

@@ -129,4 +129,9 @@ def test_redact_and_for_storage_follow_the_secrets_table() -> None:
     stored = for_storage(shown)
     assert not stored.smtp.password_set
     assert not stored.mailgun.key_set
-    assert {s.dotted for s in SECRETS} == {"smtp.password", "mailgun.key"}
+    assert {s.dotted for s in SECRETS} == {
+        "smtp.password",
+        "mailgun.key",
+        "smtp.dkim.private_key",
+        "mailgun.webhook_signing_key",
+    }
