@@ -32,6 +32,7 @@ from mailsvc.v1.settings_pb2 import MailSettings, SettingsAcl
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 _SETTINGS, _ACL = "settings", "acl"
+CLOSE_TIMEOUT = 5.0  # seconds
 # The etag of settings never written: the digest of an empty file, as the file store has it.
 _EMPTY_ETAG = hashlib.sha256(b"").hexdigest()[:16]
 _ERRORS: tuple[type[BaseException], ...] = (
@@ -123,7 +124,12 @@ class PgSettingsStore:
         self._tasks = []
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                # close() waits for every connection to be released; one stuck in a call
+                # to a database that went away must not hold up the shutdown.
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                pool.terminate()
 
     # --- reading
     @staticmethod

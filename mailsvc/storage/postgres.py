@@ -8,6 +8,7 @@ work twice; otherwise the call raises StorageError and the pool reconnects on th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -46,6 +47,7 @@ from mailsvc.storage.pg_feed import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CLOSE_TIMEOUT = 5.0  # seconds
 
 _PENDING_CODES = tuple(int(s) for s in PENDING)
 _MESSAGE_COLUMNS = (
@@ -187,7 +189,12 @@ class PostgresStorage:
         await self._feed.aclose()
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                # close() waits for every connection to be released; one stuck in a call
+                # to a database that went away must not hold up the shutdown.
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+            except TimeoutError:
+                pool.terminate()
 
     async def ping(self) -> None:
         """Raise StorageError unless the database answers now (the health check)."""
