@@ -53,7 +53,7 @@ lint: $(STAMP) $(BUF_STAMP)
 run: $(STAMP)
 	$(BIN)/mailsvc serve --dev
 
-# The benchmark (bench/): installs the bench extra once, then runs every scenario (~3-5 min).
+# The benchmark (bench/): installs the bench extra once, then runs every scenario (~7 min).
 # BENCH_ARGS passes options on, e.g. BENCH_ARGS='--calls 2000 --profile always'.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -23,6 +23,8 @@ class Expected:
 
 EXPECTED = {
     workload.PLAIN_SUBJECT: Expected(workload.TEXT, workload.HTML),
+    workload.QUEUED_SUBJECT: Expected(workload.TEXT, workload.HTML),
+    workload.BACKLOG_SUBJECT: Expected(workload.TEXT, workload.HTML),
     workload.TEMPLATED_SUBJECT: Expected(
         "Hi Alice, you have 3 new messages.\n" + workload.TEXT,
         "<p>Hi Alice</p><p>You have <b>3</b> new messages.</p>",
@@ -142,8 +144,8 @@ def verdict(counted: Counted, samples: Report, failed_calls: int) -> tuple[bool,
         f"the stand-in {counted.standin} requests for {counted.standin_expected} — "
         f"{mark(counted.ok)}",
         f"- correctness: {sum(samples.checked.values())} sampled mails parse ({kinds or 'none'});"
-        " those of SendMail and SendTemplatedMail have From, To, Subject, Message-ID, Date and"
-        f" a multipart/alternative text+html body — {mark(samples.ok)}",
+        " those of SendMail (now and queued) and SendTemplatedMail have From, To, Subject,"
+        f" Message-ID, Date and a multipart/alternative text+html body — {mark(samples.ok)}",
         *(f"  - {problem}" for problem in samples.problems[:20]),
     ]
     if failed_calls:

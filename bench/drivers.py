@@ -10,7 +10,7 @@ import aiohttp
 import aiosmtplib
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from mailsvc.v1 import mail_pb2_grpc
+from mailsvc.v1 import mail_pb2, mail_pb2_grpc
 
 from bench import workload
 
@@ -29,13 +29,15 @@ class UnexpectedReply(Exception):
 
 
 class GrpcDriver:
-    """Health/Check, SendMail or SendTemplatedMail on one channel to the server."""
+    """Health/Check, SendMail (now or queued), SendTemplatedMail or ListMessages, one channel."""
 
     def __init__(self, target: str, method: str, *, token: str, transport: str) -> None:
         self._channel = grpc.aio.insecure_channel(target)
         self._transport = transport
         self._metadata: tuple[tuple[str, str], ...] | None = (("authorization", f"Bearer {token}"),)
         self._request: Any
+        self._status = mail_pb2.MESSAGE_STATUS_SENT
+        self._calls = itertools.count()
         if method == "noop":
             self._rpc = health_pb2_grpc.HealthStub(self._channel).Check
             self._request = health_pb2.HealthCheckRequest()
@@ -43,6 +45,14 @@ class GrpcDriver:
         elif method == "send":
             self._rpc = mail_pb2_grpc.MailServiceStub(self._channel).SendMail
             self._request = workload.send_mail_request()
+        elif method in ("queue", "backlog"):
+            self._rpc = mail_pb2_grpc.MailServiceStub(self._channel).SendMail
+            subject = workload.QUEUED_SUBJECT if method == "queue" else workload.BACKLOG_SUBJECT
+            self._request = workload.send_mail_request(queue=True, subject=subject)
+            self._status = mail_pb2.MESSAGE_STATUS_QUEUED
+        elif method == "list":
+            self._rpc = mail_pb2_grpc.MailServiceStub(self._channel).ListMessages
+            self._request = None  # one per call: the recipient changes
         elif method == "templated":
             self._rpc = mail_pb2_grpc.MailServiceStub(self._channel).SendTemplatedMail
             self._request = workload.templated_request()
@@ -50,9 +60,17 @@ class GrpcDriver:
             raise ValueError(f"unknown gRPC method {method!r}")
 
     async def call(self) -> None:
+        if self._request is None:
+            request = workload.list_request(next(self._calls))
+            reply = await self._rpc(request, metadata=self._metadata, timeout=CALL_TIMEOUT)
+            if len(reply.messages) != workload.LIST_PAGE:
+                raise UnexpectedReply(f"a page of {len(reply.messages)} records")
+            return
         reply = await self._rpc(self._request, metadata=self._metadata, timeout=CALL_TIMEOUT)
         if self._transport and reply.transport != self._transport:
             raise UnexpectedReply(f"sent by {reply.transport!r}, not {self._transport!r}")
+        if self._metadata and reply.status != self._status:
+            raise UnexpectedReply(f"status {reply.status}, not {self._status}")
 
     async def aclose(self) -> None:
         await self._channel.close()
@@ -123,7 +141,8 @@ class HttpDriver:
 
 
 async def open_driver(kind: str, target: str, *, concurrency: int, token: str) -> Driver:
-    """kind: noop | send | templated (gRPC, `target` host:port) | smtp | http (direct)."""
+    """kind: noop | send | queue | backlog | templated | list (gRPC, `target` host:port),
+    smtp | http (direct)."""
     if kind == "smtp":
         return await SmtpDriver.open(target, min(SMTP_CONNECTIONS, concurrency))
     if kind == "http":

@@ -6,7 +6,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class Outcome:
     checks: list[Check]
     correctness: list[str]
     profiles: list[Profile]
+    notes: list[str] = field(default_factory=list)
 
 
 def markdown(outcome: Outcome) -> str:
@@ -73,6 +74,7 @@ def markdown(outcome: Outcome) -> str:
         "",
         *(check.line() for check in outcome.checks),
         *outcome.correctness,
+        *(f"- {note}" for note in outcome.notes),
     ]
     for profile in outcome.profiles:
         lines += ["", f"### Profile of the server: {profile.title}", "", "```"]
@@ -90,6 +92,7 @@ def save(results: Path, outcome: Outcome) -> list[Path]:
         "cells": [asdict(c) for c in outcome.cells],
         "targets": [asdict(c) for c in outcome.checks],
         "correctness": outcome.correctness,
+        "notes": outcome.notes,
         "profiles": {p.title: p.lines() for p in outcome.profiles},
     }
     results.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,13 @@ class Scenario:
     kind: str
     system: str
     scale: float = 1.0  # of the run's calls per cell, for scenarios that are slow by design
+    levels: tuple[int, ...] = CONCURRENCY  # calls in flight of its cells
 
 
-SERVER_SYSTEMS = ("pooled", "per-mail", "mailgun")
+SERVER_SYSTEMS = ("pooled", "per-mail", "mailgun", "drain", "records", "pg", "pg-2")
+# Rows that are not load generator cells: measured by bench/drain.py
+DRAINS = ("drain", "pg-drain-1", "pg-drain-2")
+PG_KEYS = ("pg-smtp", "pg-queued", "pg-drain-1", "pg-drain-2")
 
 # In the order of the table. Runs are grouped by system instead (see run.py).
 SCENARIOS = (
@@ -35,6 +39,18 @@ SCENARIOS = (
     Scenario("smtp-pooled", "SendMail→SMTP (pooled)", "send:smtp", "pooled"),
     Scenario("mailgun", "SendMail→Mailgun stand-in", "send:mailgun", "mailgun"),
     Scenario("templated", "SendTemplatedMail→SMTP", "templated:smtp", "pooled"),
+    Scenario("queued", "SendMail queue=true: accept, workers delivering", "queue", "pooled"),
+    Scenario(
+        "backlog", "SendMail queue=true: accept, deliveries held", "backlog", "drain", levels=(16,)
+    ),
+    Scenario("drain", "queue drain: backlog→SMTP, 16 workers", "", "drain", levels=(16,)),
+    Scenario(
+        "list", "ListMessages, 50 of 100k records, by recipient", "list", "records", scale=0.5
+    ),
+    Scenario("pg-smtp", "PostgreSQL: SendMail→SMTP (pooled)", "send:smtp", "pg", levels=(16,)),
+    Scenario("pg-queued", "PostgreSQL: SendMail queue=true: accept", "queue", "pg", levels=(16,)),
+    Scenario("pg-drain-1", "PostgreSQL: queue drain, 1 replica", "", "pg", levels=(16,)),
+    Scenario("pg-drain-2", "PostgreSQL: queue drain, 2 replicas", "", "pg-2", levels=(32,)),
 )
 BY_KEY = {s.key: s for s in SCENARIOS}
 
@@ -48,6 +64,8 @@ class Plan:
     single_scale: float = 0.5
     loadgen_procs: int = 1
     max_seconds: float = 60.0
+    backlog: int = 20_000  # queued mails of the drain
+    records: int = 100_000  # records seeded for ListMessages
 
     def calls_for(self, scenario: Scenario, concurrency: int) -> tuple[int, int]:
         """(warm-up calls, measured calls) of one cell."""

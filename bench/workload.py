@@ -22,6 +22,12 @@ _LINE = "The quick brown fox jumps over the lazy dog while the benchmark counts 
 TEXT = (_LINE * (1024 // len(_LINE) + 1))[:1023] + "\n"  # 1 KiB of plain text
 HTML = "<p>Hello <b>bench</b>: this is the <i>small</i> html part.</p>"
 PLAIN_SUBJECT = "bench plain mail"
+QUEUED_SUBJECT = "bench queued mail"  # SendMail queue=true while the workers deliver
+BACKLOG_SUBJECT = "bench backlog mail"  # SendMail queue=true while the sink holds them
+
+# Records seeded for ListMessages: spread over this many recipients, rcpt<n>@example.com.
+RECORD_RECIPIENTS = 100
+LIST_PAGE = 50
 
 TEMPLATE_PARAMS: dict[str, str | int] = {"name": "Alice", "count": 3}
 TEMPLATED_SUBJECT = "Welcome Alice, 3 new"
@@ -62,8 +68,21 @@ def mailgun_settings() -> settings_pb2.MailSettings:
     )
 
 
-def send_mail_request() -> mail_pb2.SendMailRequest:
-    return mail_pb2.SendMailRequest(to=[RECIPIENT], subject=PLAIN_SUBJECT, text=TEXT, html=HTML)
+def send_mail_request(
+    *, queue: bool = False, subject: str = PLAIN_SUBJECT
+) -> mail_pb2.SendMailRequest:
+    return mail_pb2.SendMailRequest(
+        to=[RECIPIENT], subject=subject, text=TEXT, html=HTML, queue=queue
+    )
+
+
+def record_recipient(n: int) -> str:
+    return f"rcpt{n % RECORD_RECIPIENTS}@example.com"
+
+
+def list_request(n: int) -> mail_pb2.ListMessagesRequest:
+    """The first page of one recipient's records (the n-th recipient, cycling)."""
+    return mail_pb2.ListMessagesRequest(page_size=LIST_PAGE, recipient=record_recipient(n))
 
 
 def templated_request() -> mail_pb2.SendTemplatedMailRequest:

@@ -45,6 +45,7 @@ class MailsvcError(Exception):
     code = "INTERNAL"
     default_reason = "INTERNAL"
     transient: ClassVar[bool] = False  # whether a retry may help; fixed per class
+    transport = ""  # the transport that failed, when a send failed (set by the mailer)
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)

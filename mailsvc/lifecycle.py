@@ -143,24 +143,33 @@ def after_failure(
     if kind is Kind.UNCERTAIN:
         return Finish(
             status=Status.FAILED,
+            transport=error.transport,
             error=error.message,
             reason=DELIVERY_UNCERTAIN,
             detail=f"{what}; it may have been delivered, so it is not tried again",
         )
     if kind is Kind.PERMANENT:
-        return Finish(status=Status.FAILED, error=error.message, reason=error.reason, detail=what)
+        return Finish(
+            status=Status.FAILED,
+            error=error.message,
+            reason=error.reason,
+            detail=what,
+            transport=error.transport,
+        )
     next_time = now + retry_delay(attempt, policy, rng)
     if expired(next_time, send_time, policy):
         # The next attempt would start after the max age: give up now rather than then.
         expiry = gave_up_expired(send_time, policy, error.message)
         return Finish(
             status=Status.FAILED,
+            transport=error.transport,
             error=error.message,
             reason=error.reason,
             detail=f"{what}; {expiry.detail}",
         )
     return Finish(
         status=Status.QUEUED,
+        transport=error.transport,
         error=error.message,
         reason=error.reason,
         detail=f"{what}; next attempt at {_when(next_time)}",

@@ -199,6 +199,7 @@ class Mailer:
                 try:
                     delivery = await self._with_retries(transport, mail, deadline, message_id)
                 except MailsvcError as exc:
+                    exc.transport = transport.name
                     self._metrics.sends.labels(transport.name, exc.reason).inc()
                     if not exc.transient or i == len(transports) - 1:
                         raise

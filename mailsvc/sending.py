@@ -194,12 +194,18 @@ class Sender:
         timeout: float | None,
         keep: Keep | None,
     ) -> Accepted:
-        record = _record(principal, outgoing, mail, filtered.suppressed, now=now, send_time=now)
+        id = new_id()
         try:
             delivery = await self._mailer.send(snapshot, mail, timeout=timeout)
         except MailsvcError as exc:
-            failed = dataclasses.replace(
-                record,
+            failed = _record(
+                id,
+                principal,
+                outgoing,
+                mail,
+                filtered.suppressed,
+                now=now,
+                send_time=now,
                 status=Status.FAILED,
                 last_error=exc.message,
                 last_error_reason=exc.reason,
@@ -208,13 +214,20 @@ class Sender:
             try:
                 await self._storage.insert([failed])
             except StorageError as store_exc:
-                log.error("message %s failed and its record was not kept: %s", record.id, store_exc)
+                log.error("message %s failed and its record was not kept: %s", id, store_exc)
             raise
         accepted = Accepted(
-            id=record.id, status=Status.SENT, suppressed=filtered.suppressed, delivery=delivery
+            id=id, status=Status.SENT, suppressed=filtered.suppressed, delivery=delivery
         )
-        sent = dataclasses.replace(
-            record,
+        # Built once, after the hand-over: dataclasses.replace costs as much again.
+        sent = _record(
+            id,
+            principal,
+            outgoing,
+            mail,
+            filtered.suppressed,
+            now=now,
+            send_time=now,
             status=Status.SENT,
             transport=delivery.transport,
             message_id=delivery.message_id,
@@ -226,12 +239,12 @@ class Sender:
             await self._storage.insert([sent], idempotency=entry)
         except StorageError as exc:
             # The mail is out: the caller must hear so, or a retry would send it again.
-            log.error("message %s was sent but its record was not kept: %s", record.id, exc)
+            log.error("message %s was sent but its record was not kept: %s", id, exc)
             if entry is not None:
                 try:
                     await self._storage.idempotency_complete(*entry[:2], entry[3])
                 except StorageError:
-                    log.error("message %s: its idempotency key was not kept either", record.id)
+                    log.error("message %s: its idempotency key was not kept either", id)
         return accepted
 
     async def _queue(
@@ -248,12 +261,15 @@ class Sender:
         accepted: list[Accepted] = []
         for outgoing, f in zip(batch, filtered, strict=True):
             mail = _kept(outgoing.mail, f)
-            record = _record(
-                principal, outgoing, mail, f.suppressed, now=now, send_time=plan.send_time
-            )
             if f.nothing_left:
-                record = dataclasses.replace(
-                    record,
+                record = _record(
+                    new_id(),
+                    principal,
+                    outgoing,
+                    mail,
+                    f.suppressed,
+                    now=now,
+                    send_time=plan.send_time,
                     status=Status.FAILED,
                     last_error="every recipient is on the suppression list",
                     last_error_reason=ALL_SUPPRESSED,
@@ -262,8 +278,14 @@ class Sender:
             else:
                 header = new_message_id(mail.sender)
                 scheduled = plan.status is Status.SCHEDULED
-                record = dataclasses.replace(
-                    record,
+                record = _record(
+                    new_id(),
+                    principal,
+                    outgoing,
+                    mail,
+                    f.suppressed,
+                    now=now,
+                    send_time=plan.send_time,
                     status=plan.status,
                     payload=encode(mail, header),
                     header_message_id=header,
@@ -283,6 +305,7 @@ class Sender:
 
 
 def _record(
+    id: str,
     principal: Principal,
     outgoing: Outgoing,
     mail: Mail,
@@ -290,11 +313,19 @@ def _record(
     *,
     now: float,
     send_time: float,
+    status: Status,
+    detail: str,
+    payload: bytes | None = None,
+    header_message_id: str = "",
+    transport: str = "",
+    message_id: str = "",
+    last_error: str = "",
+    last_error_reason: str = "",
 ) -> NewMessage:
     return NewMessage(
-        id=new_id(),
+        id=id,
         caller=principal.sub,
-        status=Status.SENT,
+        status=status,
         to=tuple(str(a) for a in mail.to),
         cc=tuple(str(a) for a in mail.cc),
         bcc=tuple(str(a) for a in mail.bcc),
@@ -303,4 +334,11 @@ def _record(
         create_time=now,
         send_time=send_time,
         suppressed=suppressed,
+        payload=payload,
+        header_message_id=header_message_id,
+        transport=transport,
+        message_id=message_id,
+        detail=detail,
+        last_error=last_error,
+        last_error_reason=last_error_reason,
     )

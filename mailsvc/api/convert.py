@@ -6,6 +6,7 @@ from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mailsvc.errors import InvalidArgument
 from mailsvc.sending import Accepted
 from mailsvc.storage.base import Event, MessageRecord, Status, Suppression
 from mailsvc.v1 import mail_pb2 as pb
@@ -22,7 +23,18 @@ def timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-def seconds(stamp: Timestamp) -> float:
+# google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z
+MIN_TIMESTAMP_SECONDS = -62135596800
+MAX_TIMESTAMP_SECONDS = 253402300799
+
+
+def seconds(stamp: Timestamp, field: str = "send_at") -> float:
+    """The time a client sent; one outside what a Timestamp may hold is INVALID_ARGUMENT."""
+    if not (
+        MIN_TIMESTAMP_SECONDS <= stamp.seconds <= MAX_TIMESTAMP_SECONDS
+        and 0 <= stamp.nanos <= 999_999_999
+    ):
+        raise InvalidArgument.one(field, "not a valid timestamp")
     return stamp.ToNanoseconds() / 1e9
 
 

@@ -253,7 +253,9 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
     # --- records
 
     async def _visible(self, id: str, principal: Principal) -> MessageRecord:
-        record = await self._storage.get(id) if id else None
+        if not id:
+            raise InvalidArgument.one("id", "required: the id of a message")
+        record = await self._storage.get(id)
         if record is None or not lifecycle.can_see(principal, record.caller):
             raise _not_found(id)
         return record

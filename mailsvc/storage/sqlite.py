@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sqlite3
 import threading
 import time
@@ -139,15 +140,33 @@ _RECORD_COLUMNS = (
 )
 
 
+_EMPTY = "[]"
+# A plain addr-spec, which getaddresses would return unchanged (checked against it by a test).
+_PLAIN = re.compile(r"[a-z0-9_%+-]+(?:\.[a-z0-9_%+-]+)*@[a-z0-9-]+(?:\.[a-z0-9-]+)*")
+
+
+# json.dumps with options builds an encoder per call: one, built once.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _addrs(values: Sequence[str]) -> str:
-    return json.dumps(list(values), ensure_ascii=False, separators=(",", ":"))
+    if not values:
+        return _EMPTY  # most cc, bcc and suppressed lists
+    return _ENCODE(list(values))
+
+
+def _addr_list(text: str) -> tuple[str, ...]:
+    return () if text == _EMPTY else tuple(json.loads(text))
 
 
 def _index_addresses(values: Sequence[str]) -> set[str]:
     """Lower-cased forms a recipient filter may name: the addr-spec, and the text as given."""
     out = set()
     for value in values:
-        out.add(value.strip().lower())
+        given = value.strip().lower()
+        out.add(given)
+        if _PLAIN.fullmatch(given):
+            continue  # parsing would give `given` again (the usual case)
         for _, addr in getaddresses([value]):
             if addr:
                 out.add(addr.lower())
@@ -159,9 +178,9 @@ def _record(row: sqlite3.Row | tuple[Any, ...], events: tuple[Event, ...] = ()) 
         id=row[1],
         caller=row[2],
         status=Status(row[3]),
-        to=tuple(json.loads(row[4])),
-        cc=tuple(json.loads(row[5])),
-        bcc=tuple(json.loads(row[6])),
+        to=_addr_list(row[4]),
+        cc=_addr_list(row[5]),
+        bcc=_addr_list(row[6]),
         subject=row[7],
         template_name=row[8],
         transport=row[9],
@@ -173,7 +192,7 @@ def _record(row: sqlite3.Row | tuple[Any, ...], events: tuple[Event, ...] = ()) 
         attempts=row[16],
         last_error=row[17],
         last_error_reason=row[18],
-        suppressed=tuple(json.loads(row[19])),
+        suppressed=_addr_list(row[19]),
         events=events,
     )
 
@@ -412,6 +431,12 @@ class SqliteStorage:
             self._prepare(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
+            name = getattr(exc, "sqlite_errorname", "")
+            if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")):
+                # The file is fine; it (or its directory, for the journal) is not writable.
+                raise StorageOpenError(
+                    f"{path}: cannot write it or its journal in {path.parent}: {exc}"
+                ) from exc
             raise StorageOpenError(f"{path}: not a usable mailsvc database: {exc}") from exc
         except BaseException:
             conn.close()
@@ -421,7 +446,8 @@ class SqliteStorage:
     def _prepare(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA busy_timeout = 5000")
         # Reading the schema is where a file that is not a database (or a damaged header)
-        # shows; a damaged page deeper in shows as a StorageError when it is read.
+        # shows; a damaged page deeper in shows in quick_check, which reads every page once
+        # (about 2 ms per MB): a start refused now beats a queue that fails mail by mail.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         if version > SCHEMA_VERSION:
@@ -429,6 +455,11 @@ class SqliteStorage:
                 f"{self.path}: schema version {version} is newer than this mailsvc "
                 f"understands ({SCHEMA_VERSION})"
             )
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(2)")]
+        if problems != ["ok"]:
+            lines = [line for p in problems for line in p.splitlines() if "***" not in line]
+            first = lines[0] if lines else "damaged"
+            raise StorageOpenError(f"{self.path}: the database is damaged: {first[:200]}")
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StorageOpenError(f"{self.path}: cannot use write-ahead logging")
