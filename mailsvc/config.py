@@ -131,6 +131,14 @@ class Config:
     queue_lease: float = field(
         default=60.0, metadata=meta("seconds an attempt holds its mail before another may take it")
     )
+    idempotency_lease: float = field(
+        default=30.0,
+        metadata=meta(
+            "seconds an idempotency key's reservation lasts unless renewed; after that a repeat "
+            "may take over the key of a request whose replica died",
+            minimum=0.1,
+        ),
+    )
     message_retention: float = field(
         default=604800.0, metadata=meta("seconds records are kept after their last change")
     )

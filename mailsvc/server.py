@@ -170,7 +170,7 @@ def _wire(
     mailer: Mailer,
 ) -> Running:
     store, storage = stores.settings, stores.storage
-    idempotency = IdempotencyStore(storage)
+    idempotency = IdempotencyStore(storage, lease=config.idempotency_lease)
     tokens = PageTokens(page_token_key(secret))
     sender = Sender(storage, mailer, metrics)
 
