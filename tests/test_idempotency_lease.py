@@ -38,10 +38,12 @@ class Slow:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.runs = 0
+        self.started = asyncio.Event()
 
     async def __call__(self) -> bytes:
         self.runs += 1
         run = self.runs
+        self.started.set()
         await asyncio.sleep(self.seconds)
         return f"response{run}".encode()
 
@@ -53,8 +55,7 @@ async def test_a_first_request_longer_than_the_lease_keeps_its_key(
     b = IdempotencyStore(storage, lease=LEASE)
     send = Slow(5 * LEASE)
     first = asyncio.create_task(a.run("alice", "k", "fp", send))
-    while send.runs == 0:
-        await asyncio.sleep(0.01)
+    await send.started.wait()
     # The repeat on the other replica polls throughout the first's five leases.
     assert await b.run("alice", "k", "fp", send) == (b"response1", True)
     assert await first == (b"response1", False)
