@@ -127,7 +127,8 @@ class PgSettingsStore:
             try:
                 # close() waits for every connection to be released; one stuck in a call
                 # to a database that went away must not hold up the shutdown.
-                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await pool.close()
             except TimeoutError:
                 pool.terminate()
 
@@ -284,8 +285,11 @@ class PgSettingsStore:
 
     async def _poll(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._check_interval)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for may swallow a cancel that
+            # arrives as the event is set, and aclose() would then wait forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._check_interval):
+                    await self._wake.wait()
             self._wake.clear()
             await self._refresh()
 
@@ -310,7 +314,8 @@ class PgSettingsStore:
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        async with asyncio.timeout(2):
+                            await conn.close()
                     if not conn.is_closed():
                         conn.terminate()
             await asyncio.sleep(1)

@@ -270,7 +270,8 @@ class EventFeed:
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        async with asyncio.timeout(2):
+                            await conn.close()
                     if not conn.is_closed():
                         conn.terminate()
             await asyncio.sleep(self._listen_retry)

@@ -194,7 +194,8 @@ class PostgresStorage:
             try:
                 # close() waits for every connection to be released; one stuck in a call
                 # to a database that went away must not hold up the shutdown.
-                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await pool.close()
             except TimeoutError:
                 pool.terminate()
 
