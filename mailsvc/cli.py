@@ -35,6 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", default="operator", help="the caller's name (default operator)")
     token.add_argument("--ttl", type=int, help="seconds until the token expires (default never)")
 
+    move = sub.add_parser(
+        "migrate-to-database",
+        help="copy the data dir's settings, ACL and suppressions into --database-url",
+    )
+    move.add_argument("--data-dir", help="data directory (env MAILSVC_DATA_DIR; default ./data)")
+    move.add_argument(
+        "--database-url", help="postgresql:// URL (env MAILSVC_DATABASE_URL)", metavar="URL"
+    )
+    move.add_argument(
+        "--force", action="store_true", help="overwrite settings the database already holds"
+    )
+
     record = sub.add_parser(
         "dkim-record",
         help="print the DNS TXT record (name, then value) publishing a DKIM key's public half",
@@ -84,6 +96,40 @@ def _token(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from mailsvc.migrate import NotEmpty, copy_to_database
+    from mailsvc.storage.base import StorageError
+    from mailsvc.store import SettingsFileError
+
+    data_dir = Path(args.data_dir or environ.get("MAILSVC_DATA_DIR") or "data")
+    url = args.database_url or environ.get("MAILSVC_DATABASE_URL", "")
+    if not url:
+        print("mailsvc: --database-url (or MAILSVC_DATABASE_URL) is required", file=sys.stderr)
+        return 2
+    try:
+        copied = asyncio.run(copy_to_database(data_dir, url, force=args.force))
+    except NotEmpty as exc:
+        print(f"mailsvc: {exc}", file=sys.stderr)
+        return 1
+    except (SettingsFileError, StorageError) as exc:
+        print(f"mailsvc: cannot copy: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"copied the settings, the settings ACL and {copied.suppressions} suppressions "
+        f"from {data_dir} to PostgreSQL at {copied.where}"
+    )
+    if copied.pending_left:
+        print(
+            f"warning: {copied.pending_left} queued or scheduled mails stay in {data_dir}: "
+            "start the embedded server again until they are sent, then switch",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _dkim_record(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Offline: the record to publish for a key file; the key itself is never printed."""
     from mailsvc.addresses import is_host_name
@@ -115,7 +161,12 @@ def _dkim_record(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     environ = dict(os.environ)
-    commands = {"serve": _serve, "token": _token, "dkim-record": _dkim_record}
+    commands = {
+        "serve": _serve,
+        "token": _token,
+        "dkim-record": _dkim_record,
+        "migrate-to-database": _migrate,
+    }
     if args.command in commands:
         return commands[args.command](args, environ)
     return client_cli.run(args, environ)

@@ -131,8 +131,27 @@ class Config:
     queue_lease: float = field(
         default=60.0, metadata=meta("seconds an attempt holds its mail before another may take it")
     )
+    idempotency_lease: float = field(
+        default=30.0,
+        metadata=meta(
+            "seconds an idempotency key's reservation lasts unless renewed; after that a repeat "
+            "may take over the key of a request whose replica died",
+            minimum=0.1,
+        ),
+    )
     message_retention: float = field(
         default=604800.0, metadata=meta("seconds records are kept after their last change")
+    )
+    database_url: str = field(
+        default="",
+        repr=False,  # it may carry the database password
+        metadata=meta(
+            "postgresql:// URL of the database shared by replicas",
+            shown_default="empty = embedded store in the data dir",
+        ),
+    )
+    database_pool_size: int = field(
+        default=10, metadata=meta("database connections per replica", minimum=2)
     )
     smtp_timeout: float = 30.0  # not a flag
     # gRPC transport limits (not flags): streams per connection, calls in flight overall,

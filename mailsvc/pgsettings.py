@@ -32,6 +32,7 @@ from mailsvc.v1.settings_pb2 import MailSettings, SettingsAcl
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 _SETTINGS, _ACL = "settings", "acl"
+CLOSE_TIMEOUT = 5.0  # seconds
 # The etag of settings never written: the digest of an empty file, as the file store has it.
 _EMPTY_ETAG = hashlib.sha256(b"").hexdigest()[:16]
 _ERRORS: tuple[type[BaseException], ...] = (
@@ -39,6 +40,7 @@ _ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
     asyncpg.PostgresError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
 )
 _Rows = dict[str, tuple[str, str]]  # name -> (data, etag)
 
@@ -90,7 +92,7 @@ class PgSettingsStore:
         are invalid (the server must not start), StorageError if the database is away."""
         try:
             self._pool = await asyncpg.create_pool(
-                self._url, min_size=1, max_size=2, timeout=self._connect_timeout
+                self._url, min_size=0, max_size=2, timeout=self._connect_timeout
             )
             async with self._pool.acquire() as conn:
                 await pg_schema.migrate(conn)
@@ -122,7 +124,13 @@ class PgSettingsStore:
         self._tasks = []
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                # close() waits for every connection to be released; one stuck in a call
+                # to a database that went away must not hold up the shutdown.
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
 
     # --- reading
     @staticmethod
@@ -277,8 +285,11 @@ class PgSettingsStore:
 
     async def _poll(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._check_interval)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for may swallow a cancel that
+            # arrives as the event is set, and aclose() would then wait forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._check_interval):
+                    await self._wake.wait()
             self._wake.clear()
             await self._refresh()
 
@@ -303,7 +314,8 @@ class PgSettingsStore:
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        async with asyncio.timeout(2):
+                            await conn.close()
                     if not conn.is_closed():
                         conn.terminate()
             await asyncio.sleep(1)

@@ -109,8 +109,11 @@ class QueueWorkers:
 
     async def _sleep(self, seconds: float | None) -> None:
         timeout = MAX_SLEEP if seconds is None else min(max(seconds, 0.0), MAX_SLEEP)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for may swallow a cancel that arrives
+        # as the event is set, and the loop would then never end.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wakeup.wait()
 
     async def _dispatch(self) -> None:
         while not self._stopping:

@@ -8,7 +8,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -31,9 +31,9 @@ from mailsvc.mailer import Mailer
 from mailsvc.metrics import Metrics, attempt_recorder, refresh_queue_gauges
 from mailsvc.queue import Attempt, QueueWorkers
 from mailsvc.sending import Sender
-from mailsvc.storage.base import Storage, StorageError
-from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
-from mailsvc.store import SettingsFileError, SettingsStore
+from mailsvc.storage.base import Status, Storage, StorageError
+from mailsvc.storage.factory import Stores, open_stores
+from mailsvc.store import SettingsBackend, SettingsFileError
 from mailsvc.templates import TemplateEngine
 from mailsvc.transports.base import Delivery
 from mailsvc.v1 import (
@@ -58,6 +58,9 @@ SERVICES = (
     suppression_pb2.DESCRIPTOR.services_by_name["SuppressionService"].full_name,
 )
 QUEUE_GAUGES_SECONDS = 5.0  # how often the queue's gauges are read from the store
+HEALTH_CHECK_SECONDS = 1.0  # how often a shared database is checked for health
+HEALTH_CHECK_TIMEOUT = 2.0  # a database slower than this to answer counts as away
+FEED_RETRY_SECONDS = 1.0  # wait before following the change feed again after it broke
 
 
 class ListenError(Exception):
@@ -69,7 +72,7 @@ class Running:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     interceptor: RpcInterceptor
-    store: SettingsStore
+    store: SettingsBackend
     mailer: Mailer
     storage: Storage
     idempotency: IdempotencyStore
@@ -77,6 +80,7 @@ class Running:
     mail: MailServicer
     workers: QueueWorkers
     webhook: MailgunWebhook
+    stores: Stores
 
 
 def _options(config: Config) -> list[tuple[str, int]]:
@@ -146,15 +150,14 @@ def _bind(server: grpc.aio.Server, config: Config) -> None:
 async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
     """Everything wired and bound, not yet started. Raises SettingsFileError, ListenError."""
     secret = load_secret(environ, config.secret_file)
-    store = SettingsStore(config.data_dir, TemplateEngine())
+    stores = await open_stores(config, TemplateEngine())
+    store = stores.settings
     metrics = Metrics()
     mailer = Mailer(config, metrics, current_etag=lambda: store.snapshot.etag)
-    storage = SqliteStorage(config.data_dir / FILE_NAME)
-    await storage.open()
     try:
-        return _wire(config, secret, store, metrics, mailer, storage)
+        return _wire(config, secret, stores, metrics, mailer)
     except BaseException:
-        await storage.aclose()
+        await stores.close()
         await mailer.aclose()
         raise
 
@@ -162,12 +165,12 @@ async def build_server(config: Config, environ: Mapping[str, str]) -> Running:
 def _wire(
     config: Config,
     secret: bytes,
-    store: SettingsStore,
+    stores: Stores,
     metrics: Metrics,
     mailer: Mailer,
-    storage: Storage,
 ) -> Running:
-    idempotency = IdempotencyStore(storage)
+    store, storage = stores.settings, stores.storage
+    idempotency = IdempotencyStore(storage, lease=config.idempotency_lease)
     tokens = PageTokens(page_token_key(secret))
     sender = Sender(storage, mailer, metrics)
 
@@ -224,10 +227,11 @@ def _wire(
         mail_servicer,
         workers,
         _webhook(store, storage, metrics, sender),
+        stores,
     )
 
 
-async def _reload_forever(store: SettingsStore, metrics: Metrics, interval: float) -> None:
+async def _reload_forever(store: SettingsBackend, metrics: Metrics, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
@@ -243,7 +247,7 @@ async def _reload_forever(store: SettingsStore, metrics: Metrics, interval: floa
 
 
 def _webhook(
-    store: SettingsStore, storage: Storage, metrics: Metrics, sender: Sender
+    store: SettingsBackend, storage: Storage, metrics: Metrics, sender: Sender
 ) -> MailgunWebhook:
     """Mailgun's webhook handler; the signing key is read per call from the settings in use,
     so a key stored now is used by the next call."""
@@ -274,6 +278,57 @@ async def _queue_gauges_forever(metrics: Metrics, storage: Storage) -> None:
         await asyncio.sleep(QUEUE_GAUGES_SECONDS)
 
 
+async def _set_health(health_servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", *SERVICES):
+        await health_servicer.set(name, status)
+
+
+async def _watch_database(
+    probe: Callable[[], Awaitable[None]], health_servicer: health.aio.HealthServicer
+) -> None:
+    """NOT_SERVING while the shared database does not answer, so load balancers send calls
+    to replicas that can serve them; SERVING again once it does."""
+    up = True
+    while True:
+        await asyncio.sleep(HEALTH_CHECK_SECONDS)
+        try:
+            async with asyncio.timeout(HEALTH_CHECK_TIMEOUT):
+                await probe()
+            now_up = True
+        except (StorageError, TimeoutError) as exc:
+            now_up = False
+            if up:
+                log.error("database unreachable, health NOT_SERVING: %s", exc or "timed out")
+        if now_up != up:
+            if now_up:
+                log.info("database reachable again, health SERVING")
+            await _set_health(
+                health_servicer,
+                health_pb2.HealthCheckResponse.SERVING
+                if now_up
+                else health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+            up = now_up
+
+
+async def _wake_on_queued(storage: Storage, wake: Callable[[], None]) -> None:
+    """Wake this replica's queue workers when any replica queues or reschedules a mail."""
+    while True:
+        events = storage.events()
+        try:
+            async for event in events:
+                if event.status in (Status.QUEUED, Status.SCHEDULED):
+                    wake()
+        except StorageError as exc:
+            log.warning("queue wake-ups from other replicas paused: %s", exc)
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                await close()
+        wake()  # whatever was queued meanwhile
+        await asyncio.sleep(FEED_RETRY_SECONDS)
+
+
 async def serve(config: Config, environ: Mapping[str, str]) -> None:
     """Run until SIGTERM or SIGINT, then refuse new work, drain in-flight calls and stop."""
     running = await build_server(config, environ)
@@ -290,16 +345,15 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
             webhooks = await _start_webhooks(config, running)
         except ListenError:
             await running.server.stop(None)
-            await running.storage.aclose()
+            await running.stores.close()
             raise
         log.info("mailgun webhooks on http://%s%s", config.webhook_listen, WEBHOOK_PATH)
-    for name in ("", *SERVICES):
-        await running.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(running.health, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "mailsvc listening on %s%s (data dir %s)",
+        "mailsvc listening on %s%s (%s)",
         config.listen,
         " with TLS" if config.tls_cert else "",
-        config.data_dir,
+        f"data dir {config.data_dir}" if running.stores.file_settings else "shared database",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -311,7 +365,14 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         background.append(
             asyncio.create_task(_queue_gauges_forever(running.metrics, running.storage))
         )
-    if config.reload_interval > 0:
+    stores = running.stores
+    if stores.probe is not None:
+        background.append(asyncio.create_task(_watch_database(stores.probe, running.health)))
+    if stores.shared:
+        background.append(
+            asyncio.create_task(_wake_on_queued(running.storage, running.workers.wake))
+        )
+    if config.reload_interval > 0 and stores.file_settings:
         background.append(
             asyncio.create_task(
                 _reload_forever(running.store, running.metrics, config.reload_interval)
@@ -336,7 +397,7 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         await webhooks.aclose()
     await running.idempotency.aclose(timeout=config.grace_seconds)
     await running.mailer.aclose()
-    await running.storage.aclose()
+    await running.stores.close()
     if metrics_server is not None:
         metrics_server[0].shutdown()
     log.info("stopped")

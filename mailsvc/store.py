@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -48,6 +48,21 @@ class Snapshot:
     etag: str
     acl: SettingsAcl
     templates: Mapping[str, CompiledTemplate] = field(default_factory=dict)
+
+
+class SettingsBackend(Protocol):
+    """What the servicers need of a settings store: SettingsStore (files) or PgSettingsStore."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    async def update(
+        self, change: Callable[[MailSettings], MailSettings], etag: str = ""
+    ) -> Snapshot: ...
+
+    async def update_acl(self, acl: SettingsAcl) -> Snapshot: ...
+
+    async def reload_if_changed(self) -> bool: ...
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

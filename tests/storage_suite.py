@@ -353,44 +353,105 @@ async def test_purge_forgets_old_final_records_only(storage: Storage) -> None:
 
 
 async def test_idempotency_reserve_complete_release(storage: Storage) -> None:
-    assert await storage.idempotency_reserve("alice", "k", "fp1", now=T0, ttl=100) is None
-    entry = await storage.idempotency_reserve("alice", "k", "fp1", now=T0 + 1, ttl=100)
+    reserve = storage.idempotency_reserve
+    assert await reserve("alice", "k", "fp1", now=T0, lease_until=T0 + 100) is None
+    entry = await reserve("alice", "k", "fp1", now=T0 + 1, lease_until=T0 + 101)
     assert entry is not None and entry.fingerprint == "fp1" and entry.response is None
     # Another caller's key of the same name is another key.
-    assert await storage.idempotency_reserve("bert", "k", "fp9", now=T0, ttl=100) is None
-    await storage.idempotency_complete("alice", "k", b"response")
-    entry = await storage.idempotency_reserve("alice", "k", "fp2", now=T0 + 2, ttl=100)
+    assert await reserve("bert", "k", "fp9", now=T0, lease_until=T0 + 100) is None
+    await storage.idempotency_complete("alice", "k", b"response", now=T0 + 1)
+    entry = await reserve("alice", "k", "fp2", now=T0 + 2, lease_until=T0 + 102)
     assert entry is not None and entry.fingerprint == "fp1" and entry.response == b"response"
     # Released: the next request runs itself.
-    await storage.idempotency_release("bert", "k")
-    assert await storage.idempotency_reserve("bert", "k", "fp3", now=T0 + 3, ttl=100) is None
-    # Expired: free again.
-    assert await storage.idempotency_reserve("alice", "k", "fp4", now=T0 + 101, ttl=100) is None
+    await storage.idempotency_release("bert", "k", lease_until=T0 + 100)
+    assert await reserve("bert", "k", "fp3", now=T0 + 3, lease_until=T0 + 103) is None
+    # A stored response is kept 24 hours from its completion, past the reservation's lease...
+    entry = await reserve("alice", "k", "fp4", now=T0 + 86000, lease_until=T0 + 86100)
+    assert entry is not None and entry.response == b"response"
+    # ...and then the key is free again.
+    assert await reserve("alice", "k", "fp4", now=T0 + 86401, lease_until=T0 + 86501) is None
 
 
 async def test_concurrent_reservations_let_exactly_one_through(storage: Storage) -> None:
     results = await asyncio.gather(
-        *(storage.idempotency_reserve("c", "key", "fp", now=T0, ttl=100) for _ in range(20))
+        *(
+            storage.idempotency_reserve("c", "key", "fp", now=T0, lease_until=T0 + 100)
+            for _ in range(20)
+        )
     )
     assert sum(r is None for r in results) == 1
 
 
 async def test_insert_with_idempotency_stores_the_response(storage: Storage) -> None:
-    assert await storage.idempotency_reserve("alice", "k", "fp", now=T0, ttl=100) is None
+    reserve = storage.idempotency_reserve
+    assert await reserve("alice", "k", "fp", now=T0, lease_until=T0 + 100) is None
     await storage.insert([new("m")], idempotency=("alice", "k", "fp", b"resp"))
-    entry = await storage.idempotency_reserve("alice", "k", "fp", now=T0 + 1, ttl=100)
+    # Kept past the reservation's lease, for 24 hours.
+    entry = await reserve("alice", "k", "fp", now=T0 + 3600, lease_until=T0 + 3700)
     assert entry is not None and entry.response == b"resp"
     # Without a reservation first, too.
     await storage.insert([new("m2")], idempotency=("alice", "k2", "fp", b"resp2"))
-    entry = await storage.idempotency_reserve("alice", "k2", "fp", now=T0 + 1, ttl=100)
+    entry = await reserve("alice", "k2", "fp", now=T0 + 1, lease_until=T0 + 101)
     assert entry is not None and entry.response == b"resp2"
 
 
 async def test_idempotency_keys_expire_in_purge(storage: Storage) -> None:
-    assert await storage.idempotency_reserve("a", "k", "fp", now=T0, ttl=10) is None
-    await storage.idempotency_complete("a", "k", b"r")
-    await storage.purge(before=T0, now=T0 + 11)
-    assert await storage.idempotency_reserve("a", "k", "fp", now=T0 + 5, ttl=10) is None
+    assert await storage.idempotency_reserve("a", "k", "fp", now=T0, lease_until=T0 + 10) is None
+    await storage.idempotency_complete("a", "k", b"r", now=T0)
+    await storage.purge(before=T0, now=T0 + 86401)
+    assert (
+        await storage.idempotency_reserve("a", "k", "fp", now=T0 + 5, lease_until=T0 + 15) is None
+    )
+
+
+async def test_an_idempotency_reservation_past_its_lease_is_taken_over_by_one(
+    storage: Storage,
+) -> None:
+    assert await storage.idempotency_reserve("a", "k", "fp", now=T0, lease_until=T0 + 10) is None
+    # Live: every repeat waits.
+    live = await asyncio.gather(
+        *(
+            storage.idempotency_reserve("a", "k", "fp", now=T0 + 9, lease_until=T0 + 19)
+            for _ in range(10)
+        )
+    )
+    assert all(e is not None and e.response is None for e in live)
+    # Over: of concurrent repeats exactly one takes the key, the others wait for it.
+    taken = await asyncio.gather(
+        *(
+            storage.idempotency_reserve("a", "k", "fp", now=T0 + 10, lease_until=T0 + 20 + i)
+            for i in range(10)
+        )
+    )
+    assert sum(e is None for e in taken) == 1
+    assert all(e is None or e.response is None for e in taken)
+    # The first holder's late release leaves the taker's reservation alone.
+    await storage.idempotency_release("a", "k", lease_until=T0 + 10)
+    winner = T0 + 20 + [e is None for e in taken].index(True)
+    entry = await storage.idempotency_reserve("a", "k", "fp", now=T0 + 11, lease_until=T0 + 21)
+    assert entry is not None and entry.response is None
+    # The taker's own release frees it.
+    await storage.idempotency_release("a", "k", lease_until=winner)
+    assert (
+        await storage.idempotency_reserve("a", "k", "fp", now=T0 + 11, lease_until=T0 + 21) is None
+    )
+
+
+async def test_a_renewed_idempotency_reservation_is_not_taken_over(storage: Storage) -> None:
+    reserve = storage.idempotency_reserve
+    assert await reserve("a", "k", "fp", now=T0, lease_until=T0 + 10) is None
+    assert await storage.idempotency_renew("a", "k", lease_until=T0 + 10, new_until=T0 + 15)
+    entry = await reserve("a", "k", "fp", now=T0 + 12, lease_until=T0 + 22)
+    assert entry is not None and entry.response is None
+    # Once past the renewed lease, a repeat takes it; the old holder's renewal then fails.
+    assert await reserve("a", "k", "fp", now=T0 + 15, lease_until=T0 + 25) is None
+    renew = storage.idempotency_renew
+    assert not await renew("a", "k", lease_until=T0 + 15, new_until=T0 + 30)
+    # A completed key has no lease left to renew.
+    await storage.idempotency_complete("a", "k", b"r", now=T0 + 16)
+    assert not await renew("a", "k", lease_until=T0 + 25, new_until=T0 + 30)
+    entry = await reserve("a", "k", "fp", now=T0 + 40, lease_until=T0 + 50)
+    assert entry is not None and entry.response == b"r"
 
 
 async def test_suppressions_are_case_insensitive_and_paged(storage: Storage) -> None:

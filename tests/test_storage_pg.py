@@ -212,24 +212,26 @@ def test_add_event_matches_provider_id_or_header(pg_url: str) -> None:
 def test_idempotency(pg_url: str) -> None:
     async def main() -> None:
         async with opened(pg_url) as store:
-            assert await store.idempotency_reserve("c", "k", "fp", now=NOW, ttl=60) is None
-            entry = await store.idempotency_reserve("c", "k", "fp2", now=NOW, ttl=60)
+            reserve = store.idempotency_reserve
+            assert await reserve("c", "k", "fp", now=NOW, lease_until=NOW + 60) is None
+            entry = await reserve("c", "k", "fp2", now=NOW, lease_until=NOW + 60)
             assert entry is not None and (entry.fingerprint, entry.response) == ("fp", None)
-            await store.idempotency_complete("c", "k", b"response")
-            entry = await store.idempotency_reserve("c", "k", "fp", now=NOW, ttl=60)
+            await store.idempotency_complete("c", "k", b"response", now=NOW)
+            entry = await reserve("c", "k", "fp", now=NOW, lease_until=NOW + 60)
             assert entry is not None and entry.response == b"response"
-            # Expired: the key is free again.
-            assert await store.idempotency_reserve("c", "k", "fp3", now=NOW + 61, ttl=60) is None
-            await store.idempotency_release("c", "k")
-            assert await store.idempotency_reserve("c", "k", "fp4", now=NOW, ttl=60) is None
+            # Expired (24 hours after the response): the key is free again.
+            later = NOW + 86401
+            assert await reserve("c", "k", "fp3", now=later, lease_until=later + 60) is None
+            await store.idempotency_release("c", "k", lease_until=later + 60)
+            assert await reserve("c", "k", "fp4", now=NOW, lease_until=NOW + 60) is None
             # Stored with the records it created, in one transaction.
             await store.insert([new("m")], idempotency=("c", "k", "fp4", b"queued m"))
-            entry = await store.idempotency_reserve("c", "k", "fp4", now=NOW, ttl=60)
+            entry = await reserve("c", "k", "fp4", now=NOW, lease_until=NOW + 60)
             assert entry is not None and entry.response == b"queued m"
 
             # Many callers at once with the same key: exactly one reserves it.
             results = await asyncio.gather(
-                *(store.idempotency_reserve("c", "race", "f", now=NOW, ttl=60) for _ in range(20))
+                *(reserve("c", "race", "f", now=NOW, lease_until=NOW + 60) for _ in range(20))
             )
             assert sum(r is None for r in results) == 1
 
@@ -366,7 +368,7 @@ def test_quota_and_idempotency_hold_across_instances(pg_url: str) -> None:
 
             reserved = await asyncio.gather(
                 *(
-                    store.idempotency_reserve("c", "k", "fp", now=NOW, ttl=60)
+                    store.idempotency_reserve("c", "k", "fp", now=NOW, lease_until=NOW + 60)
                     for store in (a, b)
                     for _ in range(10)
                 )

@@ -29,7 +29,7 @@ from mailsvc.message import Mail
 from mailsvc.metrics import Metrics
 from mailsvc.sending import Accepted, KeyEntry, Outgoing, Sender
 from mailsvc.storage.base import Event, ListQuery, MessageRecord, Status, Storage
-from mailsvc.store import SettingsStore, Snapshot
+from mailsvc.store import SettingsBackend, Snapshot
 from mailsvc.v1 import mail_pb2 as pb
 from mailsvc.v1 import mail_pb2_grpc
 
@@ -62,7 +62,7 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
     def __init__(
         self,
         config: Config,
-        store: SettingsStore,
+        store: SettingsBackend,
         sender: Sender,
         storage: Storage,
         idempotency: IdempotencyStore,

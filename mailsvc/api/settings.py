@@ -13,7 +13,7 @@ from mailsvc.auth import (
     require_superadmin,
 )
 from mailsvc.errors import Aborted
-from mailsvc.store import SettingsStore, Snapshot
+from mailsvc.store import SettingsBackend, Snapshot
 from mailsvc.v1 import settings_pb2 as pb
 from mailsvc.v1 import settings_pb2_grpc
 
@@ -32,7 +32,7 @@ def _write_response(snapshot: Snapshot) -> pb.MailSettings:
 
 
 class SettingsServicer(settings_pb2_grpc.SettingsServiceServicer):  # type: ignore[misc]
-    def __init__(self, store: SettingsStore) -> None:
+    def __init__(self, store: SettingsBackend) -> None:
         self._store = store
 
     async def GetMailSettings(

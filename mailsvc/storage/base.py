@@ -231,16 +231,31 @@ class Storage(Protocol):
 
     # --- idempotency (AIP-155)
     async def idempotency_reserve(
-        self, caller: str, key: str, fingerprint: str, *, now: float, ttl: float
+        self, caller: str, key: str, fingerprint: str, *, now: float, lease_until: float
     ) -> IdempotencyEntry | None:
-        """None: the key was free and is now reserved by this call (in flight). Otherwise the
-        entry another call made (its response, or None while it is in flight)."""
+        """None: the key is now reserved by this call until `lease_until` (its lease, which
+        also names the reservation to renew and release). That is so when the key was free,
+        expired, or held by a reservation without a response whose lease ended by `now` (its
+        request died): of concurrent callers, one takes it. Otherwise the entry another call
+        made (its response, or None while it is in flight)."""
         ...
 
-    async def idempotency_complete(self, caller: str, key: str, response: bytes) -> None: ...
+    async def idempotency_renew(
+        self, caller: str, key: str, *, lease_until: float, new_until: float
+    ) -> bool:
+        """Move the lease of the reservation holding `lease_until` to `new_until`. False if
+        that reservation is gone (completed, released, or taken over after its lease)."""
+        ...
 
-    async def idempotency_release(self, caller: str, key: str) -> None:
-        """The first request failed and sent nothing: forget the reservation."""
+    async def idempotency_complete(
+        self, caller: str, key: str, response: bytes, *, now: float | None = None
+    ) -> None:
+        """Store the response; it is kept 24 hours from `now` (default: the clock)."""
+        ...
+
+    async def idempotency_release(self, caller: str, key: str, *, lease_until: float) -> None:
+        """The first request failed and sent nothing: forget its reservation (the one holding
+        `lease_until`, not a taker's)."""
         ...
 
     # --- suppressions

@@ -40,6 +40,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # A connection the server closed mid-operation can be left in a state asyncpg refuses
+    # to use ("cannot switch to state ..."): as good as lost.
+    asyncpg.exceptions.InternalClientError,
 )
 DB_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 _NOTIFY_LIMIT = 7900  # bytes; PostgreSQL's limit is 8000
@@ -267,7 +270,8 @@ class EventFeed:
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 2)
+                        async with asyncio.timeout(2):
+                            await conn.close()
                     if not conn.is_closed():
                         conn.terminate()
             await asyncio.sleep(self._listen_retry)

@@ -8,8 +8,10 @@ work twice; otherwise the call raises StorageError and the pool reconnects on th
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from email.utils import getaddresses
 from typing import Any, TypeVar
@@ -46,6 +48,8 @@ from mailsvc.storage.pg_feed import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CLOSE_TIMEOUT = 5.0  # seconds
+IDEMPOTENCY_TTL = 24 * 3600.0  # how long a stored response is kept
 
 _PENDING_CODES = tuple(int(s) for s in PENDING)
 _MESSAGE_COLUMNS = (
@@ -145,7 +149,9 @@ class PostgresStorage:
         try:
             self._pool = await asyncpg.create_pool(
                 self._url,
-                min_size=1,
+                # No floor: asyncpg would restore it in the background and log a stack trace
+                # at every try while the database is away; connections open on demand.
+                min_size=0,
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
@@ -155,9 +161,18 @@ class PostgresStorage:
                 f"cannot connect to PostgreSQL at {self._where}: {reason(exc)}"
             ) from None
         try:
-            async with self._pool.acquire() as conn:
+            conn = await self._pool.acquire()
+        except DB_ERRORS as exc:
+            await self._pool.close()
+            raise StorageOpenError(
+                f"cannot connect to PostgreSQL at {self._where}: {reason(exc)}"
+            ) from None
+        try:
+            try:
                 await pg_schema.migrate(conn)
                 last_seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM events")
+            finally:
+                await self._pool.release(conn)
         except pg_schema.SchemaTooNew as exc:
             await self._pool.close()
             raise StorageOpenError(f"PostgreSQL at {self._where}: {exc}") from None
@@ -176,7 +191,21 @@ class PostgresStorage:
         await self._feed.aclose()
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            try:
+                # close() waits for every connection to be released; one stuck in a call
+                # to a database that went away must not hold up the shutdown.
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
+
+    async def ping(self) -> None:
+        """Raise StorageError unless the database answers now (the health check)."""
+
+        async def work(conn: Conn, retried: bool) -> None:
+            await conn.execute("SELECT 1")
+
+        await self._run(work, retry=True)
 
     # --- plumbing
     async def _run(
@@ -254,12 +283,12 @@ class PostgresStorage:
                     await conn.execute(
                         "INSERT INTO idempotency (caller, key, fingerprint, response,"
                         " expire_time) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (caller, key)"
-                        " DO UPDATE SET fingerprint = $3, response = $4",
+                        " DO UPDATE SET fingerprint = $3, response = $4, expire_time = $5",
                         caller,
                         key,
                         fingerprint,
                         response,
-                        messages[0].create_time + 86400,
+                        messages[0].create_time + IDEMPOTENCY_TTL,
                     )
                 await write_events(conn, events)
 
@@ -452,10 +481,13 @@ class PostgresStorage:
 
     # --- idempotency
     async def idempotency_reserve(
-        self, caller: str, key: str, fingerprint: str, *, now: float, ttl: float
+        self, caller: str, key: str, fingerprint: str, *, now: float, lease_until: float
     ) -> IdempotencyEntry | None:
         async def work(conn: Conn, retried: bool) -> IdempotencyEntry | None:
-            # One statement: a new key, or an expired one taken over, is reserved by us.
+            # One statement: a new key, or an expired one (a stored response past its 24 h,
+            # or a reservation past its lease: expire_time is the lease's end until a
+            # response is stored) taken over, is reserved by us; of concurrent takers the
+            # row lock lets one through.
             reserved = await conn.fetchval(
                 "INSERT INTO idempotency (caller, key, fingerprint, response, expire_time)"
                 " VALUES ($1, $2, $3, NULL, $4) ON CONFLICT (caller, key) DO UPDATE"
@@ -464,7 +496,7 @@ class PostgresStorage:
                 caller,
                 key,
                 fingerprint,
-                now + ttl,
+                lease_until,
                 now,
             )
             if reserved:
@@ -480,23 +512,48 @@ class PostgresStorage:
 
         return await self._run(work, retry=False)
 
-    async def idempotency_complete(self, caller: str, key: str, response: bytes) -> None:
+    async def idempotency_renew(
+        self, caller: str, key: str, *, lease_until: float, new_until: float
+    ) -> bool:
+        async def work(conn: Conn, retried: bool) -> bool:
+            # Matching the new end too makes a retry after a lost reply answer True.
+            status = await conn.execute(
+                "UPDATE idempotency SET expire_time = $4 WHERE caller = $1 AND key = $2"
+                " AND response IS NULL AND expire_time IN ($3, $4)",
+                caller,
+                key,
+                lease_until,
+                new_until,
+            )
+            return status != "UPDATE 0"
+
+        return await self._run(work, retry=True)
+
+    async def idempotency_complete(
+        self, caller: str, key: str, response: bytes, *, now: float | None = None
+    ) -> None:
+        expire_time = (time.time() if now is None else now) + IDEMPOTENCY_TTL
+
         async def work(conn: Conn, retried: bool) -> None:
             await conn.execute(
-                "UPDATE idempotency SET response = $3 WHERE caller = $1 AND key = $2",
+                "UPDATE idempotency SET response = $3, expire_time = $4"
+                " WHERE caller = $1 AND key = $2",
                 caller,
                 key,
                 response,
+                expire_time,
             )
 
         await self._run(work, retry=True)
 
-    async def idempotency_release(self, caller: str, key: str) -> None:
+    async def idempotency_release(self, caller: str, key: str, *, lease_until: float) -> None:
         async def work(conn: Conn, retried: bool) -> None:
             await conn.execute(
-                "DELETE FROM idempotency WHERE caller = $1 AND key = $2 AND response IS NULL",
+                "DELETE FROM idempotency WHERE caller = $1 AND key = $2 AND response IS NULL"
+                " AND expire_time = $3",
                 caller,
                 key,
+                lease_until,
             )
 
         await self._run(work, retry=True)

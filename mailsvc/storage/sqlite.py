@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FILE_NAME = "mailsvc.sqlite3"
 SCHEMA_VERSION = 1
-IDEMPOTENCY_TTL = 24 * 3600.0  # for keys stored with `insert` without a reservation
+IDEMPOTENCY_TTL = 24 * 3600.0  # how long a stored response is kept
 MAX_BATCH = 512  # jobs per group commit
 DAY = 86400
 
@@ -579,9 +579,9 @@ class SqliteStorage:
                 caller, key, fp, response = idempotency
                 now = messages[0].create_time if messages else _now()
                 updated = conn.execute(
-                    "UPDATE idempotency SET fingerprint = ?, response = ? "
+                    "UPDATE idempotency SET fingerprint = ?, response = ?, expires = ? "
                     "WHERE caller = ? AND key = ?",
-                    (fp, response, caller, key),
+                    (fp, response, now + IDEMPOTENCY_TTL, caller, key),
                 ).rowcount
                 if not updated:
                     conn.execute(
@@ -797,8 +797,9 @@ class SqliteStorage:
     # --- idempotency
 
     async def idempotency_reserve(
-        self, caller: str, key: str, fingerprint: str, *, now: float, ttl: float
+        self, caller: str, key: str, fingerprint: str, *, now: float, lease_until: float
     ) -> IdempotencyEntry | None:
+        # `expires` is the lease's end while there is no response, then the key's end.
         def job(tx: _Tx) -> IdempotencyEntry | None:
             row = tx.conn.execute(
                 "SELECT fingerprint, response, expires FROM idempotency "
@@ -809,26 +810,45 @@ class SqliteStorage:
                 return IdempotencyEntry(fingerprint=row[0], response=row[1])
             tx.conn.execute(
                 "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, NULL, ?)",
-                (caller, key, fingerprint, now + ttl),
+                (caller, key, fingerprint, lease_until),
             )
             return None
 
         return await self._writing(job)
 
-    async def idempotency_complete(self, caller: str, key: str, response: bytes) -> None:
+    async def idempotency_renew(
+        self, caller: str, key: str, *, lease_until: float, new_until: float
+    ) -> bool:
+        def job(tx: _Tx) -> bool:
+            return bool(
+                tx.conn.execute(
+                    "UPDATE idempotency SET expires = ? WHERE caller = ? AND key = ? "
+                    "AND response IS NULL AND expires = ?",
+                    (new_until, caller, key, lease_until),
+                ).rowcount
+            )
+
+        return await self._writing(job)
+
+    async def idempotency_complete(
+        self, caller: str, key: str, response: bytes, *, now: float | None = None
+    ) -> None:
+        expires = (_now() if now is None else now) + IDEMPOTENCY_TTL
+
         def job(tx: _Tx) -> None:
             tx.conn.execute(
-                "UPDATE idempotency SET response = ? WHERE caller = ? AND key = ?",
-                (response, caller, key),
+                "UPDATE idempotency SET response = ?, expires = ? WHERE caller = ? AND key = ?",
+                (response, expires, caller, key),
             )
 
         await self._writing(job)
 
-    async def idempotency_release(self, caller: str, key: str) -> None:
+    async def idempotency_release(self, caller: str, key: str, *, lease_until: float) -> None:
         def job(tx: _Tx) -> None:
             tx.conn.execute(
-                "DELETE FROM idempotency WHERE caller = ? AND key = ? AND response IS NULL",
-                (caller, key),
+                "DELETE FROM idempotency WHERE caller = ? AND key = ? AND response IS NULL "
+                "AND expires = ?",
+                (caller, key, lease_until),
             )
 
         await self._writing(job)
