@@ -35,7 +35,7 @@ check-generated: $(STAMP)
 	echo "generated/ is stale: run 'make generate' and commit"; exit 1; fi
 
 test: $(STAMP) check-generated
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 buf: $(BUF_STAMP)
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +29,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mailsvc.v1 import mail_pb2_grpc, settings_pb2, settings_pb2_grpc
+
+from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
 
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123456789"
 SMTP_LOGIN = "mailer"
@@ -607,3 +609,18 @@ def pg_url(pg_server: _pg.PgServer) -> Iterator[str]:
     yield url
     if pg_server.running:
         pg_server.psql(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """The async tests (pytest.mark.anyio) run on asyncio, as the server does."""
+    return "asyncio"
+
+
+@pytest.fixture
+async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
+    """An open embedded store in a fresh directory (test_storage.py runs both stores)."""
+    store = SqliteStorage(tmp_path / FILE_NAME)
+    await store.open()
+    yield store
+    await store.aclose()

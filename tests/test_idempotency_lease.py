@@ -6,30 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from mailsvc.idempotency import IdempotencyStore
-from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
+from mailsvc.storage.sqlite import SqliteStorage
 
 pytestmark = pytest.mark.anyio
 
 LEASE = 0.3
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
-    store = SqliteStorage(tmp_path / FILE_NAME)
-    await store.open()
-    yield store
-    await store.aclose()
 
 
 class Slow:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,19 +12,6 @@ from mailsvc.idempotency import IdempotencyStore
 from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
-    store = SqliteStorage(tmp_path / FILE_NAME)
-    await store.open()
-    yield store
-    await store.aclose()
 
 
 class Sender:

@@ -29,11 +29,6 @@ pytestmark = pytest.mark.anyio
 FAST = RetryPolicy(initial=0.2, maximum=0.4, max_age=60)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class DropDuringData(SinkHandler):
     """Takes the whole mail, then hangs up instead of answering: the sender cannot know."""
 

@@ -25,11 +25,6 @@ from tests.storage_suite import T0, new
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def make_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
     if request.param == "sqlite":
         return SqliteStorage(tmp_path / FILE_NAME)
