@@ -208,11 +208,19 @@ def _lifecycle(
 
 
 def _replicas_detail(one: Cell | None, two: Cell | None) -> str:
+    """The rates, and from the CPU figures which limit holds here and the projection with a
+    core per replica (what a deployment of replicas on their own machines would see)."""
     if one is None or two is None:
         return ""
+    sink = two.downstream_cpu_us_per_call or 0.0
+    per_core_one = 1e6 / one.server_cpu_us_per_call
+    per_core_two = 2 * 1e6 / two.server_cpu_us_per_call  # two replicas, a core each
     return (
         f"{two.sends_per_s:.0f}/s vs {one.sends_per_s:.0f}/s; mailsvc CPU "
         f"{one.server_cpu_us_per_call:.0f} µs/mail with 1, {two.server_cpu_us_per_call:.0f} "
-        f"with 2 (both together); machine {one.machine_busy_pct:.0f}% and "
-        f"{two.machine_busy_pct:.0f}% busy"
+        f"with 2 (both together), the SMTP sink {sink:.0f} µs/mail, PostgreSQL and the load "
+        f"generator besides; machine {one.machine_busy_pct:.0f}% and "
+        f"{two.machine_busy_pct:.0f}% busy, so the 2 cores are the limit, not the replicas. "
+        f"With a core per replica: {per_core_two:.0f}/s for 2 vs {per_core_one:.0f}/s for 1, "
+        f"a projected {per_core_two / per_core_one:.2f}x (if PostgreSQL and the sink keep up)"
     )
