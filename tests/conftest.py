@@ -612,6 +612,14 @@ def pg_url(pg_server: _pg.PgServer) -> Iterator[str]:
 
 
 @pytest.fixture
+def own_server() -> Iterator[_pg.PgServer]:
+    """A PostgreSQL server of this test's own, which it may stop and start."""
+    server = _pg.start_session_server()
+    yield server
+    _pg.remove(server)
+
+
+@pytest.fixture
 def anyio_backend() -> str:
     """The async tests (pytest.mark.anyio) run on asyncio, as the server does."""
     return "asyncio"

@@ -13,6 +13,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from mailsvc.v1 import mail_pb2, settings_pb2
 
 from tests.conftest import (
@@ -62,6 +65,20 @@ def assert_error(err: grpc.RpcError, code: grpc.StatusCode, reason: str) -> None
     assert err.code() == code, err.details()
     assert info["reason"] == reason, info
     assert info.get("domain") == "mailsvc", info
+
+
+def mail(**fields: Any) -> mail_pb2.SendMailRequest:
+    """A SendMailRequest to rcpt@example.com, subject "Hi", text "Hello", unless `fields` say."""
+    fields.setdefault("to", ["rcpt@example.com"])
+    fields.setdefault("subject", "Hi")
+    fields.setdefault("text", "Hello")
+    return mail_pb2.SendMailRequest(**fields)
+
+
+def at(seconds_from_now: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int((time.time() + seconds_from_now) * 1e9))
+    return stamp
 
 
 def send(
@@ -146,6 +163,18 @@ def get_settings(server: Server, metadata: Metadata = SUPERADMIN) -> settings_pb
         settings_pb2.GetMailSettingsRequest(), metadata=metadata, timeout=10
     )
     return reply
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The server's /metrics on `port` as {series: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 # --- what arrived ------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from mailsvc.v1 import mail_pb2, settings_pb2
 
 from tests.conftest import (
@@ -27,7 +26,7 @@ from tests.conftest import (
     make_token,
     smtp_settings,
 )
-from tests.helpers import assert_error, expect_error, message_id_header, send, wait_until
+from tests.helpers import assert_error, at, expect_error, mail, message_id_header, send, wait_until
 
 ServerFactory = Callable[..., Server]
 SmtpFactory = Callable[..., SmtpSink]
@@ -35,12 +34,6 @@ FAST_QUEUE = ("--queue-retry-initial", "0.2", "--queue-retry-max", "0.4")
 ALICE = auth(make_token([], sub="alice"))
 BOB = auth(make_token([], sub="bob"))
 S = mail_pb2.MessageStatus
-
-
-def at(seconds_from_now: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int((time.time() + seconds_from_now) * 1e9))
-    return stamp
 
 
 def get(server: Server, id: str, metadata: Any = ADMIN) -> mail_pb2.Message:
@@ -69,13 +62,6 @@ def smtp_server(
         )
     )
     return server
-
-
-def mail(**fields: Any) -> mail_pb2.SendMailRequest:
-    fields.setdefault("to", ["rcpt@example.com"])
-    fields.setdefault("subject", "Hi")
-    fields.setdefault("text", "Hello")
-    return mail_pb2.SendMailRequest(**fields)
 
 
 def test_queued_mail_arrives_and_its_record_turns_sent_with_the_sinks_message_id(

@@ -35,8 +35,10 @@ from tests.helpers import (
     ServerFactory,
     SmtpFactory,
     assert_error,
+    at,
     clean_env,
     expect_error,
+    mail,
     send,
     struct,
     wait_until,
@@ -47,19 +49,6 @@ ALICE = auth(make_token([], sub="alice"))
 BOB = auth(make_token([], sub="bob"))
 S = mail_pb2.MessageStatus
 FAST_QUEUE = ("--queue-retry-initial", "0.2", "--queue-retry-max", "0.4")
-
-
-def at(seconds_from_now: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int((time.time() + seconds_from_now) * 1e9))
-    return stamp
-
-
-def mail(**fields: Any) -> mail_pb2.SendMailRequest:
-    fields.setdefault("to", ["rcpt@example.com"])
-    fields.setdefault("subject", "Hi")
-    fields.setdefault("text", "Hello")
-    return mail_pb2.SendMailRequest(**fields)
 
 
 def listed(server: Server, metadata: Any = ADMIN, **fields: Any) -> list[str]:

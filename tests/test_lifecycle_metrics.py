@@ -4,7 +4,6 @@ background attempts, rate-limit refusals and suppressed recipients move as mail 
 from __future__ import annotations
 
 import time
-import urllib.request
 from typing import Any
 
 import grpc
@@ -23,6 +22,8 @@ from tests.helpers import (
     SmtpFactory,
     assert_error,
     expect_error,
+    mail,
+    scrape,
     send,
     send_fails,
     wait_until,
@@ -32,17 +33,6 @@ ALICE = auth(make_token([], sub="alice"))
 BOB = auth(make_token([], sub="bob"))
 S = mail_pb2.MessageStatus
 REFRESH = 12.0  # the queue gauges are read from the store every 5 s: allow two rounds and load
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def messages(status: str) -> str:
@@ -80,13 +70,6 @@ def wait_metrics(port: int, want: dict[str, Any], what: str, timeout: float = RE
         raise AssertionError(
             f"{exc}; last seen {shown} {[k for k in seen if 'attempts_total' in k]}"
         ) from None
-
-
-def mail(**fields: Any) -> mail_pb2.SendMailRequest:
-    fields.setdefault("to", ["rcpt@example.com"])
-    fields.setdefault("subject", "Hi")
-    fields.setdefault("text", "Hello")
-    return mail_pb2.SendMailRequest(**fields)
 
 
 def metrics_server(server_factory: ServerFactory, *args: str) -> tuple[Server, int]:

@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import subprocess
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -30,24 +29,13 @@ from tests.conftest import (
     smtp_settings,
     wait_until,
 )
-from tests.helpers import ServerFactory, SmtpFactory, cli, get_settings, grpcurl
+from tests.helpers import ServerFactory, SmtpFactory, cli, get_settings, grpcurl, scrape
 
 
 def mail(**kwargs: object) -> mail_pb2.SendMailRequest:
     fields: dict[str, object] = {"to": ["rcpt@example.com"], "subject": "hi", "text": "body"}
     fields.update(kwargs)
     return mail_pb2.SendMailRequest(**fields)  # type: ignore[arg-type]
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def test_metrics_serve_the_named_series_and_move(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -144,13 +144,6 @@ def test_invalid_stored_settings_stop_the_start_and_are_ignored_later(pg_url: st
             await PgSettingsStore(pg_url, TemplateEngine()).open()
 
     run(main())
-
-
-@pytest.fixture
-def own_server() -> Iterator[pg.PgServer]:
-    server = pg.start_session_server()
-    yield server
-    pg.remove(server)
 
 
 def test_database_away_keeps_serving_the_last_good_copy(own_server: pg.PgServer) -> None:

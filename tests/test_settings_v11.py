@@ -15,6 +15,7 @@ from mailsvc.v1 import settings_pb2
 from tests.conftest import MAILGUN_KEY, SUPERADMIN, Server, details
 from tests.helpers import expect_error
 from tests.helpers import get_settings as get
+from tests.keys import rsa_511_bits
 
 SIGNING_KEY = "whsec-Sig-N1ng-K3y-0123456789"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -165,22 +166,6 @@ def test_masks_name_the_new_fields(server: Server, rsa_pem: str, ed_pem: str) ->
     assert reply.smtp.host == "127.0.0.1"
 
 
-def _rsa_511_bits() -> str:
-    # cryptography generates nothing under 1024 bits; built from two known primes
-    p, q, e = 2**255 - 19, 2**256 - 189, 65537
-    d = pow(e, -1, (p - 1) * (q - 1))
-    numbers = rsa.RSAPrivateNumbers(
-        p,
-        q,
-        d,
-        rsa.rsa_crt_dmp1(d, p),
-        rsa.rsa_crt_dmq1(d, q),
-        rsa.rsa_crt_iqmp(p, q),
-        rsa.RSAPublicNumbers(e, p * q),
-    )
-    return pem(numbers.private_key())
-
-
 def _dkim(**fields: str) -> settings_pb2.MailSettings:
     dkim = settings_pb2.DkimSettings(
         domain=fields.get("domain", ""),
@@ -192,7 +177,7 @@ def _dkim(**fields: str) -> settings_pb2.MailSettings:
 
 def test_dkim_validation(server: Server, rsa_pem: str) -> None:
     bad_pem = "-----BEGIN PRIVATE KEY-----\nTOPSECRETnotakey0123456789\n-----END PRIVATE KEY-----\n"
-    small = _rsa_511_bits()
+    small = rsa_511_bits()
     locked = pem(ed25519.Ed25519PrivateKey.generate(), password=b"pass-phrase")
     cases: list[tuple[dict[str, str], str, str]] = [
         ({"domain": "example.com", "selector": "s1", "private_key": bad_pem}, "private_key", "PEM"),

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -479,14 +479,6 @@ def test_wrong_password_is_a_clear_error(pg_server: pg.PgServer) -> None:
         assert "Wr0ngPassw0rd" not in str(err.value)
 
     run(main())
-
-
-@pytest.fixture
-def own_server() -> Iterator[pg.PgServer]:
-    """A server of this test's own, which it may stop and start."""
-    server = pg.start_session_server()
-    yield server
-    pg.remove(server)
 
 
 async def until(check: Callable[[], Awaitable[T]], timeout: float = 20) -> T:

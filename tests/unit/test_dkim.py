@@ -16,6 +16,7 @@ from mailsvc.addresses import Address
 from mailsvc.dkim import DkimKeyError, DkimSigner, dns_txt_record, validate_private_key
 from mailsvc.message import Attachment, Mail
 from mailsvc.mime import build_mime
+from tests.keys import rsa_511_bits
 
 DOMAIN = "example.com"
 SELECTOR = "mail2026"
@@ -178,22 +179,6 @@ def test_wrong_published_key_fails(rsa_pem: str) -> None:
     assert not dkim.verify(signed, dnsfunc=_dns(other))
 
 
-def _rsa_511_bits() -> str:
-    # cryptography refuses to generate keys under 1024 bits; build one from two known primes
-    p, q, e = 2**255 - 19, 2**256 - 189, 65537
-    d = pow(e, -1, (p - 1) * (q - 1))
-    numbers = rsa.RSAPrivateNumbers(
-        p,
-        q,
-        d,
-        rsa.rsa_crt_dmp1(d, p),
-        rsa.rsa_crt_dmq1(d, q),
-        rsa.rsa_crt_iqmp(p, q),
-        rsa.RSAPublicNumbers(e, p * q),
-    )
-    return _pem(numbers.private_key())
-
-
 def _bad_keys() -> list[tuple[str, str, str]]:
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     good = _pem(rsa_key)
@@ -211,7 +196,7 @@ def _bad_keys() -> list[tuple[str, str, str]]:
         ("truncated", truncated, "not a PEM private key"),
         ("public key", public, "not a PEM private key"),
         ("encrypted", encrypted, "passphrase"),
-        ("rsa 511 bits", _rsa_511_bits(), "511 bits; at least 1024"),
+        ("rsa 511 bits", rsa_511_bits(), "511 bits; at least 1024"),
         ("ec p-256", _pem(ec.generate_private_key(ec.SECP256R1())), "unsupported key type"),
     ]
 

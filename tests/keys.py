@@ -1,0 +1,31 @@
+"""Key material for the DKIM tests; plain functions, safe to import from tests/unit."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+
+def rsa_511_bits() -> str:
+    """An unencrypted PKCS#8 PEM of a 511-bit RSA key, too small to be accepted."""
+    # cryptography refuses to generate keys under 1024 bits; build one from two known primes
+    p, q, e = 2**255 - 19, 2**256 - 189, 65537
+    d = pow(e, -1, (p - 1) * (q - 1))
+    numbers = rsa.RSAPrivateNumbers(
+        p,
+        q,
+        d,
+        rsa.rsa_crt_dmp1(d, p),
+        rsa.rsa_crt_dmq1(d, q),
+        rsa.rsa_crt_iqmp(p, q),
+        rsa.RSAPublicNumbers(e, p * q),
+    )
+    return (
+        numbers.private_key()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
