@@ -3,7 +3,23 @@
 from __future__ import annotations
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+
+
+def pem(
+    key: PrivateKey,
+    fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
+    password: bytes | None = None,
+) -> str:
+    """The key as PEM text, encrypted with `password` if one is given."""
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(serialization.Encoding.PEM, fmt, encryption).decode()
 
 
 def rsa_511_bits() -> str:
@@ -20,12 +36,4 @@ def rsa_511_bits() -> str:
         rsa.rsa_crt_iqmp(p, q),
         rsa.RSAPublicNumbers(e, p * q),
     )
-    return (
-        numbers.private_key()
-        .private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        .decode()
-    )
+    return pem(numbers.private_key())

@@ -21,6 +21,7 @@ from mailsvc.dkim import dns_txt_record
 from tests.conftest import MAILGUN_KEY, MailgunStandIn, Server, SmtpSink, details, smtp_settings
 from tests.conftest import SUPERADMIN as SUPERADMIN_MD
 from tests.helpers import ServerFactory, SmtpFactory, expect_error, send
+from tests.keys import pem
 
 DOMAIN = "example.com"
 SELECTOR = "mail2026"
@@ -38,19 +39,11 @@ COVERED = {
 }
 
 
-def _pem(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-
-
 @pytest.fixture(scope="module")
 def keys() -> dict[str, str]:
     return {
-        "rsa": _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
-        "ed25519": _pem(ed25519.Ed25519PrivateKey.generate()),
+        "rsa": pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        "ed25519": pem(ed25519.Ed25519PrivateKey.generate()),
     }
 
 

@@ -8,28 +8,16 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from mailsvc.v1 import settings_pb2
 
 from tests.conftest import MAILGUN_KEY, SUPERADMIN, Server, details
 from tests.helpers import expect_error
 from tests.helpers import get_settings as get
-from tests.keys import rsa_511_bits
+from tests.keys import pem, rsa_511_bits
 
 SIGNING_KEY = "whsec-Sig-N1ng-K3y-0123456789"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def pem(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, password: bytes | None = None) -> str:
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password)
-        if password
-        else serialization.NoEncryption()
-    )
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
-    ).decode()
 
 
 @pytest.fixture(scope="module")

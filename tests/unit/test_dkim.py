@@ -16,20 +16,11 @@ from mailsvc.addresses import Address
 from mailsvc.dkim import DkimKeyError, DkimSigner, dns_txt_record, validate_private_key
 from mailsvc.message import Attachment, Mail
 from mailsvc.mime import build_mime
+from tests.keys import pem as _pem
 from tests.keys import rsa_511_bits
 
 DOMAIN = "example.com"
 SELECTOR = "mail2026"
-
-
-def _pem(
-    key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey,
-    fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8,
-    encryption: serialization.KeySerializationEncryption | None = None,
-) -> str:
-    return key.private_bytes(
-        serialization.Encoding.PEM, fmt, encryption or serialization.NoEncryption()
-    ).decode()
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +178,7 @@ def _bad_keys() -> list[tuple[str, str, str]]:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()
     )
-    encrypted = _pem(rsa_key, encryption=serialization.BestAvailableEncryption(b"pw"))
+    encrypted = _pem(rsa_key, password=b"pw")
     lines = good.splitlines()
     truncated = "\n".join(lines[: len(lines) // 2] + lines[-1:])
     return [
