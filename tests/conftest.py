@@ -632,3 +632,19 @@ async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
     await store.open()
     yield store
     await store.aclose()
+
+
+# --- DKIM keys (tests/keys.py): generated once per test module.
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa  # noqa: E402
+
+from tests import keys as _keys  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rsa_pem() -> str:
+    return _keys.pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+@pytest.fixture(scope="module")
+def ed25519_pem() -> str:
+    return _keys.pem(ed25519.Ed25519PrivateKey.generate())

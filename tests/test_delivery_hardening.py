@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,8 @@ from tests.conftest import (
     details,
     smtp_settings,
 )
+from tests.helpers import ServerFactory, SmtpFactory
 
-ServerFactory = Callable[..., Server]
-SmtpFactory = Callable[..., SmtpSink]
 SENDER = "sender@example.com"
 DOMAIN = "mg.example.com"
 

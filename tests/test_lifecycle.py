@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -26,10 +25,17 @@ from tests.conftest import (
     make_token,
     smtp_settings,
 )
-from tests.helpers import assert_error, at, expect_error, mail, message_id_header, send, wait_until
+from tests.helpers import (
+    ServerFactory,
+    assert_error,
+    at,
+    expect_error,
+    mail,
+    message_id_header,
+    send,
+    wait_until,
+)
 
-ServerFactory = Callable[..., Server]
-SmtpFactory = Callable[..., SmtpSink]
 FAST_QUEUE = ("--queue-retry-initial", "0.2", "--queue-retry-max", "0.4")
 ALICE = auth(make_token([], sub="alice"))
 BOB = auth(make_token([], sub="bob"))

@@ -7,8 +7,7 @@ bad values are refused with INVALID_ARGUMENT naming the field, and nothing is wr
 from __future__ import annotations
 
 import grpc
-import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from mailsvc.v1 import settings_pb2
 
 from tests.conftest import MAILGUN_KEY, SUPERADMIN, Server, details
@@ -18,16 +17,6 @@ from tests.keys import pem, rsa_511_bits
 
 SIGNING_KEY = "whsec-Sig-N1ng-K3y-0123456789"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-@pytest.fixture(scope="module")
-def rsa_pem() -> str:
-    return pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-
-
-@pytest.fixture(scope="module")
-def ed_pem() -> str:
-    return pem(ed25519.Ed25519PrivateKey.generate())
 
 
 def body_of(key_pem: str) -> str:
@@ -113,7 +102,7 @@ def test_full_replace_without_secrets_keeps_them(server: Server, rsa_pem: str) -
     assert not reply.HasField("mailgun") and not reply.smtp.HasField("dkim")
 
 
-def test_masks_name_the_new_fields(server: Server, rsa_pem: str, ed_pem: str) -> None:
+def test_masks_name_the_new_fields(server: Server, rsa_pem: str, ed25519_pem: str) -> None:
     update(server, full(rsa_pem))
     # smtp.dkim without a key: the stored one stays
     changed = settings_pb2.MailSettings(
@@ -127,7 +116,7 @@ def test_masks_name_the_new_fields(server: Server, rsa_pem: str, ed_pem: str) ->
     # smtp.dkim.private_key: a new key replaces it; an empty one clears it, which leaves a
     # DKIM setting without a key: refused
     new_key = settings_pb2.MailSettings(
-        smtp=settings_pb2.SmtpSettings(dkim=settings_pb2.DkimSettings(private_key=ed_pem))
+        smtp=settings_pb2.SmtpSettings(dkim=settings_pb2.DkimSettings(private_key=ed25519_pem))
     )
     assert update(server, new_key, "smtp.dkim.private_key").smtp.dkim.private_key_set
     violations = refused(server, settings_pb2.MailSettings(), "smtp.dkim.private_key")
@@ -205,12 +194,12 @@ def test_rate_limit_validation(server: Server) -> None:
     assert set(masked) == {"settings.rate_limits[0].per_minute"}
 
 
-def test_secrets_never_reach_the_log(server: Server, rsa_pem: str, ed_pem: str) -> None:
+def test_secrets_never_reach_the_log(server: Server, rsa_pem: str, ed25519_pem: str) -> None:
     update(server, full(rsa_pem))
-    update(server, full(ed_pem, signing_key=SIGNING_KEY + "-2"))
+    update(server, full(ed25519_pem, signing_key=SIGNING_KEY + "-2"))
     refused(server, full("-----BEGIN PRIVATE KEY-----\nLEAKME\n-----END PRIVATE KEY-----"))
     get(server)
     server.stop()
     log = server.logs()
-    for secret in (body_of(rsa_pem), body_of(ed_pem), SIGNING_KEY, "LEAKME", MAILGUN_KEY):
+    for secret in (body_of(rsa_pem), body_of(ed25519_pem), SIGNING_KEY, "LEAKME", MAILGUN_KEY):
         assert secret not in log

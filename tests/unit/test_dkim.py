@@ -10,7 +10,7 @@ from email.policy import SMTP
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from mailsvc.addresses import Address
 from mailsvc.dkim import DkimKeyError, DkimSigner, dns_txt_record, validate_private_key
@@ -21,16 +21,6 @@ from tests.keys import rsa_511_bits
 
 DOMAIN = "example.com"
 SELECTOR = "mail2026"
-
-
-@pytest.fixture(scope="module")
-def rsa_pem() -> str:
-    return _pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-
-
-@pytest.fixture(scope="module")
-def ed25519_pem() -> str:
-    return _pem(ed25519.Ed25519PrivateKey.generate())
 
 
 def _mail() -> bytes:
