@@ -35,12 +35,8 @@ FINISH_TRIES = 5
 class Attempt:
     """One background attempt, as the send function gets it."""
 
-    id: str
-    caller: str
     mail: Mail
     header_message_id: str  # the same in every attempt of this message
-    number: int  # 1 for the first attempt
-    send_time: float
     timeout: float  # the attempt must be over by then (seconds from its start)
 
 
@@ -92,10 +88,6 @@ class QueueWorkers:
         self._stopping = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
 
     def start(self) -> None:
         self._tasks = [
@@ -178,12 +170,8 @@ class QueueWorkers:
             )
         budget = max(claimed.lease_until - started, 0.0) * (1 - LEASE_MARGIN)
         attempt = Attempt(
-            id=claimed.id,
-            caller=claimed.caller,
             mail=queued.mail,
             header_message_id=queued.header_message_id or claimed.header_message_id,
-            number=claimed.attempts,
-            send_time=claimed.send_time,
             timeout=budget,
         )
         try:

@@ -15,9 +15,6 @@ from mailsvc.storage.sqlite import FILE_NAME, SqliteStorage
 from mailsvc.store import SettingsBackend, SettingsStore
 from mailsvc.templates import TemplateEngine
 
-# Connections the settings store keeps besides the main pool (its own pool and LISTEN).
-SETTINGS_CONNECTIONS = 3
-
 
 @dataclass(frozen=True)
 class Stores:
