@@ -118,14 +118,13 @@ def sent(transport: str, message_id: str) -> Finish:
     )
 
 
-def gave_up_expired(send_time: float, policy: RetryPolicy, last_error: str = "") -> Finish:
-    detail = f"not sent within {policy.max_age:g} s of its send time ({_when(send_time)})"
-    return Finish(
-        status=Status.FAILED,
-        error=last_error or detail,
-        reason=QUEUE_MAX_AGE,
-        detail=detail,
-    )
+def _expired_detail(send_time: float, policy: RetryPolicy) -> str:
+    return f"not sent within {policy.max_age:g} s of its send time ({_when(send_time)})"
+
+
+def gave_up_expired(send_time: float, policy: RetryPolicy) -> Finish:
+    detail = _expired_detail(send_time, policy)
+    return Finish(status=Status.FAILED, error=detail, reason=QUEUE_MAX_AGE, detail=detail)
 
 
 def after_failure(
@@ -159,13 +158,12 @@ def after_failure(
     next_time = now + retry_delay(attempt, policy, rng)
     if expired(next_time, send_time, policy):
         # The next attempt would start after the max age: give up now rather than then.
-        expiry = gave_up_expired(send_time, policy, error.message)
         return Finish(
             status=Status.FAILED,
             transport=error.transport,
             error=error.message,
             reason=error.reason,
-            detail=f"{what}; {expiry.detail}",
+            detail=f"{what}; {_expired_detail(send_time, policy)}",
         )
     return Finish(
         status=Status.QUEUED,
