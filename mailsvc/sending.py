@@ -167,19 +167,10 @@ class Sender:
         if suppressed:
             self._metrics.suppressed_recipients.inc(suppressed)
         if plan is None:
-            one = batch[0]
-            return [
-                await self._send_now(
-                    principal,
-                    snapshot,
-                    one,
-                    _kept(one.mail, filtered[0]),
-                    filtered[0],
-                    now=now,
-                    timeout=timeout,
-                    keep=keep,
-                )
-            ]
+            sent = await self._send_now(
+                principal, snapshot, batch[0], filtered[0], now=now, timeout=timeout, keep=keep
+            )
+            return [sent]
         return await self._queue(principal, batch, filtered, plan, now=now, keep=keep)
 
     async def _send_now(
@@ -187,7 +178,6 @@ class Sender:
         principal: Principal,
         snapshot: Snapshot,
         outgoing: Outgoing,
-        mail: Mail,
         filtered: Filtered[Address],
         *,
         now: float,
@@ -195,6 +185,7 @@ class Sender:
         keep: Keep | None,
     ) -> Accepted:
         id = new_id()
+        mail = _kept(outgoing.mail, filtered)
         try:
             delivery = await self._mailer.send(snapshot, mail, timeout=timeout)
         except MailsvcError as exc:
