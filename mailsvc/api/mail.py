@@ -27,7 +27,7 @@ from mailsvc.idempotency import IdempotencyStore, fingerprint
 from mailsvc.lifecycle import PageTokens, Plan
 from mailsvc.message import Mail
 from mailsvc.metrics import Metrics
-from mailsvc.sending import Accepted, KeyEntry, Outgoing, Sender
+from mailsvc.sending import Accepted, Keep, KeyEntry, Outgoing, Sender
 from mailsvc.storage.base import Event, ListQuery, MessageRecord, Status, Storage
 from mailsvc.store import SettingsBackend, Snapshot
 from mailsvc.v1 import mail_pb2 as pb
@@ -84,9 +84,14 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
 
     # --- sending
 
-    def _plan(self, request: pb.SendMailRequest | pb.SendTemplatedMailRequest) -> Plan | None:
+    def _plan(
+        self,
+        request: pb.SendMailRequest | pb.SendTemplatedMailRequest | pb.SendMailBatchRequest,
+        *,
+        queue: bool,
+    ) -> Plan | None:
         send_at = convert.seconds(request.send_at) if request.HasField("send_at") else None
-        return lifecycle.plan(now=self._clock(), queue=request.queue, send_at=send_at)
+        return lifecycle.plan(now=self._clock(), queue=queue, send_at=send_at)
 
     async def _accept(
         self,
@@ -105,7 +110,7 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
             raise InvalidArgument.one("idempotency_key", f"at most {MAX_KEY_LENGTH} characters")
         timeout = context.time_remaining()
 
-        async def accept(keep: Callable[[list[Accepted]], KeyEntry] | None) -> list[Accepted]:
+        async def accept(keep: Keep | None) -> list[Accepted]:
             return await self._sender.accept(
                 principal, snapshot, batch, plan=plan, timeout=timeout, keep=keep
             )
@@ -140,7 +145,7 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         snapshot: Snapshot,
         context: grpc.aio.ServicerContext,
     ) -> pb.SendMailResponse:
-        plan = self._plan(request)
+        plan = self._plan(request, queue=request.queue)
         reply = await self._accept(method, request, [outgoing], plan, snapshot, context, self._one)
         response = pb.SendMailResponse.FromString(reply) if isinstance(reply, bytes) else reply
         assert isinstance(response, pb.SendMailResponse)
@@ -216,8 +221,7 @@ class MailServicer(mail_pb2_grpc.MailServiceServicer):  # type: ignore[misc]
         template = template_for(snapshot, name, current_call().principal)
         if not 1 <= len(request.entries) <= MAX_BATCH_ENTRIES:
             raise InvalidArgument.one("entries", f"1 to {MAX_BATCH_ENTRIES} entries are required")
-        send_at = convert.seconds(request.send_at) if request.HasField("send_at") else None
-        plan = lifecycle.plan(now=self._clock(), queue=True, send_at=send_at)
+        plan = self._plan(request, queue=True)
         assert plan is not None
         batch: list[Outgoing] = []
         violations: list[FieldViolation] = []
