@@ -72,9 +72,7 @@ class Running:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     interceptor: RpcInterceptor
-    store: SettingsBackend
     mailer: Mailer
-    storage: Storage
     idempotency: IdempotencyStore
     metrics: Metrics
     mail: MailServicer
@@ -219,9 +217,7 @@ def _wire(
         server,
         health_servicer,
         interceptor,
-        store,
         mailer,
-        storage,
         idempotency,
         metrics,
         mail_servicer,
@@ -361,21 +357,21 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         loop.add_signal_handler(sig, stop.set)
     running.workers.start()
     background: list[asyncio.Task[None]] = []
+    stores = running.stores
     if metrics_server is not None:
         background.append(
-            asyncio.create_task(_queue_gauges_forever(running.metrics, running.storage))
+            asyncio.create_task(_queue_gauges_forever(running.metrics, stores.storage))
         )
-    stores = running.stores
     if stores.probe is not None:
         background.append(asyncio.create_task(_watch_database(stores.probe, running.health)))
     if stores.shared:
         background.append(
-            asyncio.create_task(_wake_on_queued(running.storage, running.workers.wake))
+            asyncio.create_task(_wake_on_queued(stores.storage, running.workers.wake))
         )
     if config.reload_interval > 0 and stores.file_settings:
         background.append(
             asyncio.create_task(
-                _reload_forever(running.store, running.metrics, config.reload_interval)
+                _reload_forever(stores.settings, running.metrics, config.reload_interval)
             )
         )
     await stop.wait()
