@@ -71,7 +71,7 @@ class SuppressionServicer(suppression_pb2_grpc.SuppressionServiceServicer):  # t
         reason = entry.reason or SuppressionReason.MANUAL
         stored = await self._storage.add_suppression(
             Suppression(
-                address=address.addr.lower(),
+                address=normalize_address(address),
                 reason=int(reason),
                 create_time=self._clock(),
                 detail=entry.detail,
