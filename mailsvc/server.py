@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -61,6 +62,7 @@ QUEUE_GAUGES_SECONDS = 5.0  # how often the queue's gauges are read from the sto
 HEALTH_CHECK_SECONDS = 1.0  # how often a shared database is checked for health
 HEALTH_CHECK_TIMEOUT = 2.0  # a database slower than this to answer counts as away
 FEED_RETRY_SECONDS = 1.0  # wait before following the change feed again after it broke
+GC_YOUNG_THRESHOLD = 5000  # allocations between young collections (default 700)
 
 
 class ListenError(Exception):
@@ -351,6 +353,10 @@ async def serve(config: Config, environ: Mapping[str, str]) -> None:
         " with TLS" if config.tls_cert else "",
         f"data dir {config.data_dir}" if running.stores.file_settings else "shared database",
     )
+    # What start-up made (modules, protos, settings) lives as long as the process: kept out
+    # of the collector's full passes, and young passes less often (about 2% of SendMail's CPU).
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -113,10 +113,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _recorder(self, name: str) -> Done:
         rpcs = self._metrics.rpcs
         latency = self._metrics.rpc_seconds.labels(name)
+        counters: dict[str, Any] = {}  # code -> child: labels() takes a lock and builds keys
 
         def done(info: CallInfo | None, code: str, start: float) -> None:
             elapsed = time.perf_counter() - start
-            rpcs.labels(name, code).inc()
+            counter = counters.get(code)
+            if counter is None:
+                counter = counters[code] = rpcs.labels(name, code)
+            counter.inc()
             latency.observe(elapsed)
             fields = {
                 "method": name,
