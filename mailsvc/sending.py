@@ -250,6 +250,9 @@ class Sender:
     ) -> list[Accepted]:
         records: list[NewMessage] = []
         accepted: list[Accepted] = []
+        # The contract's send_time is send_at, else create_time: the same instant, not the
+        # servicer's slightly earlier clock reading.
+        send_time = plan.send_time if plan.status is Status.SCHEDULED else now
         for outgoing, f in zip(batch, filtered, strict=True):
             mail = _kept(outgoing.mail, f)
             if f.nothing_left:
@@ -260,7 +263,7 @@ class Sender:
                     mail,
                     f.suppressed,
                     now=now,
-                    send_time=plan.send_time,
+                    send_time=send_time,
                     status=Status.FAILED,
                     last_error="every recipient is on the suppression list",
                     last_error_reason=ALL_SUPPRESSED,
@@ -276,7 +279,7 @@ class Sender:
                     mail,
                     f.suppressed,
                     now=now,
-                    send_time=plan.send_time,
+                    send_time=send_time,
                     status=plan.status,
                     payload=encode(mail, header),
                     header_message_id=header,

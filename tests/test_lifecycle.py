@@ -83,6 +83,7 @@ def test_queued_mail_arrives_and_its_record_turns_sent_with_the_sinks_message_id
     assert record.message_id == message_id_header(received[0])
     assert record.transport == "smtp" and record.attempts == 1 and record.caller == "ops"
     assert statuses(record) == ["QUEUED", "SENDING", "SENT"]
+    assert record.send_time == record.create_time  # no send_at: send_time is create_time
 
 
 def test_sync_send_answers_as_v1_and_is_recorded_sent(
