@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
 from collections.abc import Callable
@@ -24,8 +23,14 @@ from mailsvc import settings as rules
 from mailsvc.errors import Aborted, FailedPrecondition, InvalidArgument
 from mailsvc.storage import pg_schema
 from mailsvc.storage.base import StorageError
-from mailsvc.storage.pg_feed import describe_url
-from mailsvc.store import SettingsFileError, Snapshot
+from mailsvc.storage.pg_feed import close_listener, describe_url
+from mailsvc.store import (
+    EMPTY_ETAG,
+    SettingsFileError,
+    Snapshot,
+    checked_snapshot,
+    settings_json,
+)
 from mailsvc.templates import TemplateEngine
 from mailsvc.v1.settings_pb2 import MailSettings, SettingsAcl
 
@@ -33,8 +38,6 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
 _SETTINGS, _ACL = "settings", "acl"
 CLOSE_TIMEOUT = 5.0  # seconds
-# The etag of settings never written: the digest of an empty file, as the file store has it.
-_EMPTY_ETAG = hashlib.sha256(b"").hexdigest()[:16]
 _ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
@@ -43,10 +46,6 @@ _ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 _Rows = dict[str, tuple[str, str]]  # name -> (data, etag)
-
-
-def _to_json(message: Message) -> str:
-    return json_format.MessageToJson(message, indent=2, sort_keys=True) + "\n"
 
 
 def _parse(data: str, message: M, what: str) -> M:
@@ -76,7 +75,7 @@ class PgSettingsStore:
         self._connect_timeout = connect_timeout
         self._pool: asyncpg.Pool | None = None
         self._lock = asyncio.Lock()
-        self._snapshot = Snapshot(MailSettings(), _EMPTY_ETAG, SettingsAcl())
+        self._snapshot = Snapshot(MailSettings(), EMPTY_ETAG, SettingsAcl())
         self._etags: tuple[str, str] = ("", "")  # (settings, acl) rows as last loaded
         self._bad: tuple[str, str] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -139,16 +138,13 @@ class PgSettingsStore:
         return {r["name"]: (r["data"], r["etag"]) for r in rows}
 
     def _build(self, rows: _Rows) -> Snapshot:
-        data, etag = rows.get(_SETTINGS, ("", _EMPTY_ETAG))
+        data, etag = rows.get(_SETTINGS, ("", EMPTY_ETAG))
         settings = _parse(data, MailSettings(), "settings") if data else MailSettings()
         acl_data = rows.get(_ACL, ("", ""))[0]
         acl = _parse(acl_data, SettingsAcl(), "settings ACL") if acl_data else SettingsAcl()
-        compiled, violations = rules.check(settings, self._engine)
-        if violations:
-            listed = "; ".join(f"{v.field}: {v.description}" for v in violations)
-            raise SettingsFileError(f"the settings stored in the database are invalid: {listed}")
-        settings.ClearField("etag")
-        return Snapshot(settings, etag, acl, compiled)
+        return checked_snapshot(
+            settings, etag, acl, self._engine, "the settings stored in the database"
+        )
 
     @staticmethod
     def _etags_of(rows: _Rows) -> tuple[str, str]:
@@ -199,7 +195,7 @@ class PgSettingsStore:
                         "INSERT INTO settings (name, data, etag) VALUES ($1, '', $2)"
                         " ON CONFLICT DO NOTHING",
                         _SETTINGS,
-                        _EMPTY_ETAG,
+                        EMPTY_ETAG,
                     )
                     row = await conn.fetchrow(
                         "SELECT data, etag FROM settings WHERE name = $1 FOR UPDATE", _SETTINGS
@@ -230,7 +226,7 @@ class PgSettingsStore:
                     await conn.execute(
                         "UPDATE settings SET data = $2, etag = $3 WHERE name = $1",
                         _SETTINGS,
-                        _to_json(stored),
+                        settings_json(stored),
                         new_etag,
                     )
                     await conn.execute("SELECT pg_notify($1, $2)", pg_schema.SETTINGS_CHANNEL, "")
@@ -250,7 +246,7 @@ class PgSettingsStore:
                     "INSERT INTO settings (name, data, etag) VALUES ($1, $2, $3)"
                     " ON CONFLICT (name) DO UPDATE SET data = $2, etag = $3;",
                     _ACL,
-                    _to_json(acl),
+                    settings_json(acl),
                     new_etag,
                 )
                 await conn.execute("SELECT pg_notify($1, $2)", pg_schema.SETTINGS_CHANNEL, "")
@@ -313,9 +309,5 @@ class PgSettingsStore:
                 log.debug("settings listener: %s; retrying", type(exc).__name__)
             finally:
                 if conn is not None:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(2):
-                            await conn.close()
-                    if not conn.is_closed():
-                        conn.terminate()
+                    await close_listener(conn)
             await asyncio.sleep(1)

@@ -91,8 +91,29 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+# The etag of settings never written: the digest of an empty file. Both settings stores use it.
+EMPTY_ETAG = _digest(b"")
+
+
+def settings_json(message: Message) -> str:
+    """How both settings stores write settings and ACL: protobuf JSON, sorted, indented."""
+    return json_format.MessageToJson(message, indent=2, sort_keys=True) + "\n"
+
+
 def _to_json(message: Message) -> bytes:
-    return (json_format.MessageToJson(message, indent=2, sort_keys=True) + "\n").encode()
+    return settings_json(message).encode()
+
+
+def checked_snapshot(
+    settings: MailSettings, etag: str, acl: SettingsAcl, engine: TemplateEngine, where: str
+) -> Snapshot:
+    """The snapshot of stored settings; SettingsFileError naming `where` if they are invalid."""
+    compiled, violations = rules.check(settings, engine)
+    if violations:
+        listed = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        raise SettingsFileError(f"{where}: invalid settings: {listed}")
+    settings.ClearField("etag")
+    return Snapshot(settings, etag, acl, compiled)
 
 
 def _read(path: Path, message: M) -> tuple[M, bytes] | None:
@@ -170,14 +191,11 @@ class SettingsStore:
         settings, data = loaded if loaded else (MailSettings(), b"")
         acl_loaded = _read(self._acl_path, SettingsAcl())
         acl = acl_loaded[0] if acl_loaded else SettingsAcl()
-        compiled, violations = rules.check(settings, self._engine)
-        if violations:
-            listed = "; ".join(f"{v.field}: {v.description}" for v in violations)
-            raise SettingsFileError(f"{self._settings_path}: invalid settings: {listed}")
         # The etag is the file's digest: every write (which stores a fresh nonce in the
         # file's etag field) and every edit from outside changes it.
-        settings.ClearField("etag")
-        return Snapshot(settings, _digest(data), acl, compiled)
+        return checked_snapshot(
+            settings, _digest(data), acl, self._engine, str(self._settings_path)
+        )
 
     @contextlib.contextmanager
     def _file_lock(self) -> Iterator[None]:

@@ -115,6 +115,15 @@ def _payloads(rows: Sequence[asyncpg.Record]) -> list[str]:
     return out
 
 
+async def close_listener(conn: Any) -> None:
+    """Close a listening connection within 2 s, else drop it: the database may be away."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(2):
+            await conn.close()
+    if not conn.is_closed():
+        conn.terminate()
+
+
 async def write_events(
     conn: Conn, events: Sequence[tuple[str, float, int, str, str]]
 ) -> list[Event]:
@@ -269,11 +278,7 @@ class EventFeed:
                 )
             finally:
                 if conn is not None:
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(2):
-                            await conn.close()
-                    if not conn.is_closed():
-                        conn.terminate()
+                    await close_listener(conn)
             await asyncio.sleep(self._listen_retry)
 
     @staticmethod
