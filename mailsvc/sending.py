@@ -222,7 +222,8 @@ class Sender:
             status=Status.SENT,
             transport=delivery.transport,
             message_id=delivery.message_id,
-            header_message_id="" if delivery.transport == "mailgun" else delivery.message_id,
+            # No header id to keep for later attempts; over SMTP, message_id is that header,
+            # and webhooks look a mail up by either (one index the less to write).
             detail=f"handed over to {delivery.transport}",
         )
         entry = keep([accepted]) if keep else None
