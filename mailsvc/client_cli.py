@@ -608,6 +608,8 @@ def _messages_watch(args: argparse.Namespace, environ: Mapping[str, str]) -> int
             mail_pb2.WatchMessagesRequest(id=args.id), **_call(args, environ)
         )
         try:
+            stream.initial_metadata()  # the server sends it once the watch is live
+            print("watching; events follow, one JSON object a line", file=sys.stderr, flush=True)
             for event in stream:
                 print(json_format.MessageToJson(event, indent=None), flush=True)
         except grpc.RpcError as exc:

@@ -203,7 +203,7 @@ class Sender:
                 detail=f"{exc.message} ({exc.reason})",
             )
             try:
-                await self._storage.insert([failed])
+                await self._storage.insert_history([failed])
             except StorageError as store_exc:
                 log.error("message %s failed and its record was not kept: %s", id, store_exc)
             raise
@@ -228,7 +228,10 @@ class Sender:
         )
         entry = keep([accepted]) if keep else None
         try:
-            await self._storage.insert([sent], idempotency=entry)
+            if entry is None:
+                await self._storage.insert_history([sent])
+            else:
+                await self._storage.insert([sent], idempotency=entry)
         except StorageError as exc:
             # The mail is out: the caller must hear so, or a retry would send it again.
             log.error("message %s was sent but its record was not kept: %s", id, exc)

@@ -32,6 +32,9 @@ def test_queue_send_and_the_messages_commands(
         env=env,
     )
     try:
+        assert watch.stderr is not None
+        # Sent before the watch is live, the first mail's events would be missed.
+        assert watch.stderr.readline().startswith("watching"), "the watch did not start"
         queued = cli("send", *MAIL, "--queue", env=env)
         assert queued.returncode == 0, queued.stderr
         reply = json.loads(queued.stdout)

@@ -184,6 +184,12 @@ class Storage(Protocol):
         transaction. Raises StorageError."""
         ...
 
+    async def insert_history(self, messages: Sequence[NewMessage]) -> None:
+        """Create records of mails already handed over (SENT or FAILED, no payload, no key).
+        Reads that start after it returns see them; the embedded store commits them a few
+        milliseconds later without holding the caller, and logs a failure itself."""
+        ...
+
     async def claim(self, *, now: float, limit: int, lease: float, owner: str) -> list[Claimed]:
         """Take up to `limit` due messages (QUEUED/SCHEDULED with next attempt or send time
         <= now, or SENDING whose lease has run out), oldest due first: each becomes SENDING

@@ -294,6 +294,10 @@ class PostgresStorage:
 
         await self._run(work, retry=True)
 
+    async def insert_history(self, messages: Sequence[NewMessage]) -> None:
+        # Other replicas read these: committed before the caller goes on.
+        await self.insert(messages)
+
     async def claim(self, *, now: float, limit: int, lease: float, owner: str) -> list[Claimed]:
         async def work(conn: Conn, retried: bool) -> list[Claimed]:
             async with conn.transaction():

@@ -5,11 +5,14 @@ Writes from many callers are committed together (group commit): the thread takes
 queued while the previous commit was syncing, runs each in a savepoint of one transaction and
 commits once; each caller's await returns only after that commit. WAL with synchronous=FULL:
 the WAL is fsynced at every commit, so an accepted mail survives kill -9 and power loss.
-One kind of write is exempt: the record of a mail already handed over (a synchronous send,
-without an idempotency key) is history, not a promise, so a batch of nothing else is committed
-with synchronous=NORMAL. It survives kill -9 (the operating system has it), and the next
-fsynced commit makes it durable; a power loss may take the last of them. The fsync was a third
-of such a record's cost.
+One kind of write is exempt: the record of a mail already handed over (insert_history: a
+synchronous send without an idempotency key) is history, not a promise. Its caller does not wait
+for it: such records are gathered on the event loop for up to HISTORY_LINGER and handed to the
+thread as one job, earlier if any other job comes (so every later read sees them), and a batch
+of nothing else is committed with synchronous=NORMAL. A commit of its own per record, fsynced,
+was half of a synchronous send's store cost.
+A kill -9 within those milliseconds, or a power loss before the next fsynced commit, may take
+such records; never a queued mail or an idempotency key.
 
 The file is held by one process at a time (a lock file next to it), so at open any SENDING row
 is a leftover of a previous process that died mid-attempt: it is re-queued, due at once.
@@ -59,6 +62,7 @@ FILE_NAME = "mailsvc.sqlite3"
 SCHEMA_VERSION = 1
 IDEMPOTENCY_TTL = 24 * 3600.0  # how long a stored response is kept
 MAX_BATCH = 512  # jobs per group commit
+HISTORY_LINGER = 0.005  # seconds a batch of history records waits for more
 DAY = 86400
 
 _SCHEMA = """
@@ -244,8 +248,7 @@ class _Tx:
 class _Job:
     fn: Callable[[Any], Any]  # takes a _Tx (writes) or a Connection (reads)
     write: bool
-    future: asyncio.Future[Any]
-    durable: bool = True  # a write whose commit must reach the disk before the caller hears
+    future: asyncio.Future[Any] | None  # None: history, nobody waits (see the module docstring)
     outcome: tuple[bool, Any] = (False, None)  # (ok, result or exception)
     events: list[Event] = field(default_factory=list)
 
@@ -261,6 +264,8 @@ class SqliteStorage:
         self._hub: Broadcaster[Event] = Broadcaster()
         self._lock_fd: int | None = None
         self._closing = False
+        self._history: list[NewMessage] = []  # see insert_history
+        self._history_timer: asyncio.TimerHandle | None = None
 
     # --- the thread
 
@@ -279,7 +284,11 @@ class SqliteStorage:
             self._thread = None
             raise
 
-    def _settle(self, future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    def _settle(self, future: asyncio.Future[Any] | None, ok: bool, value: Any) -> None:
+        if future is None:
+            if not ok:
+                log.error("%s: records of mails already sent were not kept: %s", self.path, value)
+            return
         if future.done():
             return  # the caller went away; a write it asked for is still done
         if ok:
@@ -321,16 +330,18 @@ class SqliteStorage:
                     break
                 batch.append(job)
             try:
-                for job in batch:
-                    if not job.write:
-                        self._read(conn, job)
+                # Writes first: a read queued after a write (a GetMessage after the send that
+                # recorded it) must see it, even when both are in this batch.
                 writes = [job for job in batch if job.write]
                 if writes:
-                    needed = any(job.durable for job in writes)
+                    needed = any(job.future is not None for job in writes)
                     if needed != durable:
                         conn.execute(f"PRAGMA synchronous = {'FULL' if needed else 'NORMAL'}")
                         durable = needed
                     self._write(conn, writes)
+                for job in batch:
+                    if not job.write:
+                        self._read(conn, job)
             except Exception as exc:  # a bug here must not leave callers waiting forever
                 log.exception("%s: the store's thread failed a batch", self.path)
                 with contextlib.suppress(sqlite3.Error):
@@ -399,23 +410,36 @@ class SqliteStorage:
                 job.outcome = (False, error)
                 job.events = []
 
-    async def _call(self, fn: Callable[[Any], T], *, write: bool, durable: bool = True) -> T:
+    def _check_open(self) -> asyncio.AbstractEventLoop:
         if self._loop is None or self._thread is None or self._closing:
             raise StorageError("the store is not open")
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._jobs.put(_Job(fn, write, future, durable))
+        return self._loop
+
+    async def _call(self, fn: Callable[[Any], T], *, write: bool) -> T:
+        future: asyncio.Future[T] = self._check_open().create_future()
+        self._hand_over_history()  # queued first, so this job sees them
+        self._jobs.put(_Job(fn, write, future))
         return await future
+
+    def _hand_over_history(self) -> None:
+        if self._history_timer is not None:
+            self._history_timer.cancel()
+            self._history_timer = None
+        if self._history:
+            records, self._history = self._history, []
+            self._jobs.put(_Job(self._inserting(records, None), True, None))
 
     async def _reading(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._call(fn, write=False)
 
-    async def _writing(self, fn: Callable[[_Tx], T], *, durable: bool = True) -> T:
-        return await self._call(fn, write=True, durable=durable)
+    async def _writing(self, fn: Callable[[_Tx], T]) -> T:
+        return await self._call(fn, write=True)
 
     async def aclose(self) -> None:
         thread = self._thread
         if thread is None:
             return
+        self._hand_over_history()
         self._closing = True
         self._jobs.put(None)
         await asyncio.to_thread(thread.join)
@@ -547,6 +571,12 @@ class SqliteStorage:
         *,
         idempotency: tuple[str, str, str, bytes] | None = None,
     ) -> None:
+        await self._writing(self._inserting(messages, idempotency))
+
+    @staticmethod
+    def _inserting(
+        messages: Sequence[NewMessage], idempotency: tuple[str, str, str, bytes] | None
+    ) -> Callable[[_Tx], None]:
         def job(tx: _Tx) -> None:
             conn = tx.conn
             for m in messages:
@@ -608,9 +638,15 @@ class SqliteStorage:
                         (caller, key, fp, response, now + IDEMPOTENCY_TTL),
                     )
 
-        # Records of mails already handed over are history (see the module docstring).
-        history = idempotency is None and not any(m.status in PENDING for m in messages)
-        await self._writing(job, durable=not history)
+        return job
+
+    async def insert_history(self, messages: Sequence[NewMessage]) -> None:
+        if any(m.status in PENDING for m in messages):
+            raise ValueError("insert_history takes records of mails already handed over")
+        loop = self._check_open()
+        self._history.extend(messages)
+        if self._history_timer is None:
+            self._history_timer = loop.call_later(HISTORY_LINGER, self._hand_over_history)
 
     async def claim(self, *, now: float, limit: int, lease: float, owner: str) -> list[Claimed]:
         def job(tx: _Tx) -> list[Claimed]:
