@@ -96,6 +96,28 @@ async def test_a_failing_insert_does_not_take_concurrent_ones_down(storage: Stor
         assert await storage.get(f"ok{i}") is not None
 
 
+async def test_history_is_seen_by_every_later_read_and_watch(storage: Storage) -> None:
+    watch = storage.events()
+    await storage.insert_history([new(f"h{i}", status=Status.SENT) for i in range(3)])
+    record = await storage.get("h2")  # no wait in between: ordered after the records
+    assert record is not None and record.status is Status.SENT
+    listed = await storage.list_messages(ListQuery(page_size=10))
+    assert [r.id for r in listed] == ["h2", "h1", "h0"]
+    got = [await asyncio.wait_for(anext(watch), 5) for _ in range(3)]
+    assert [(e.message_id, e.status) for e in got] == [
+        ("h0", Status.SENT),
+        ("h1", Status.SENT),
+        ("h2", Status.SENT),
+    ]
+    await watch.aclose()  # type: ignore[attr-defined]
+
+
+async def test_history_takes_only_mails_already_handed_over(storage: Storage) -> None:
+    with pytest.raises(ValueError):
+        await storage.insert_history([new("q")])
+    assert await storage.get("q") is None
+
+
 async def test_list_pages_cover_every_record_once_newest_first(storage: Storage) -> None:
     rng = random.Random(7)
     # Several records share a create_time: the id breaks the tie.

@@ -106,6 +106,41 @@ async def test_committed_inserts_survive_kill_9(tmp_path: Path) -> None:
         await store.aclose()
 
 
+async def test_history_is_kept_once_a_later_call_returned_or_the_store_closed(
+    tmp_path: Path,
+) -> None:
+    """Nobody waits for a history record, yet a call made after it (here a read) returns only
+    once it is committed, so it survives kill -9 from then on; closing commits the rest."""
+    db = tmp_path / FILE_NAME
+    child = _child(
+        """
+        from dataclasses import replace
+        sent = [replace(new(i), status=Status.SENT, payload=None) for i in range(200)]
+        await store.insert_history(sent)
+        assert await store.get("m00199") is not None
+        print("read", flush=True)
+        time.sleep(60)
+        """,
+        db,
+    )
+    _kill_after(child, "read")
+    store = SqliteStorage(db)
+    await store.open()
+    try:
+        for i in range(200):
+            record = await store.get(f"m{i:05d}")
+            assert record is not None and record.status is Status.SENT, i
+        await store.insert_history([new("last", status=Status.SENT)])
+    finally:
+        await store.aclose()
+    store = SqliteStorage(db)
+    await store.open()
+    try:
+        assert await store.get("last") is not None
+    finally:
+        await store.aclose()
+
+
 async def test_attempts_cut_by_a_crash_are_queued_again_at_open(tmp_path: Path) -> None:
     db = tmp_path / FILE_NAME
     child = _child(

@@ -68,6 +68,12 @@ class NewMessage:
     last_error_reason: str = ""
 
 
+def check_history(messages: Sequence[NewMessage]) -> None:
+    """Storage.insert_history takes only records of mails already handed over."""
+    if any(m.status in PENDING for m in messages):
+        raise ValueError("a queued or scheduled mail is no history: use insert")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MessageRecord:
     """A stored record, as GetMessage and ListMessages show it."""

@@ -34,6 +34,7 @@ from mailsvc.storage.base import (
     StorageError,
     StorageOpenError,
     Suppression,
+    check_history,
 )
 from mailsvc.storage.pg_feed import (
     CONNECTION_ERRORS,
@@ -295,6 +296,7 @@ class PostgresStorage:
         await self._run(work, retry=True)
 
     async def insert_history(self, messages: Sequence[NewMessage]) -> None:
+        check_history(messages)
         # Other replicas read these: committed before the caller goes on.
         await self.insert(messages)
 

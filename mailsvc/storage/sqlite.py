@@ -52,6 +52,7 @@ from mailsvc.storage.base import (
     StorageError,
     StorageOpenError,
     Suppression,
+    check_history,
 )
 from mailsvc.watch import Broadcaster, Subscription
 
@@ -641,8 +642,7 @@ class SqliteStorage:
         return job
 
     async def insert_history(self, messages: Sequence[NewMessage]) -> None:
-        if any(m.status in PENDING for m in messages):
-            raise ValueError("insert_history takes records of mails already handed over")
+        check_history(messages)
         loop = self._check_open()
         self._history.extend(messages)
         if self._history_timer is None:
