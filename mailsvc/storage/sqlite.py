@@ -9,8 +9,8 @@ One kind of write is exempt: the record of a mail already handed over (insert_hi
 synchronous send without an idempotency key) is history, not a promise. Its caller does not wait
 for it: such records are gathered on the event loop for up to HISTORY_LINGER and handed to the
 thread as one job, earlier if any other job comes (so every later read sees them), and a batch
-of nothing else is committed with synchronous=NORMAL. A commit of its own per record, fsynced,
-was half of a synchronous send's store cost.
+of nothing else is committed with synchronous=NORMAL. A commit of its own per record that
+the reply waited for cost about 100 µs of server CPU per send (bench, SendMail at 16).
 A kill -9 within those milliseconds, or a power loss before the next fsynced commit, may take
 such records; never a queued mail or an idempotency key.
 
