@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,16 @@ def _child(script: str, db: Path) -> subprocess.Popen[str]:
     )
 
 
+@asynccontextmanager
+async def _opened(path: Path) -> AsyncIterator[SqliteStorage]:
+    store = SqliteStorage(path)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
 def _kill_after(child: subprocess.Popen[str], line: str) -> None:
     assert child.stdout is not None
     assert child.stdout.readline().strip() == line
@@ -95,15 +106,11 @@ async def test_committed_inserts_survive_kill_9(tmp_path: Path) -> None:
         db,
     )
     _kill_after(child, "committed")
-    store = SqliteStorage(db)
-    await store.open()
-    try:
+    async with _opened(db) as store:
         for i in range(300):
             assert await store.get(f"m{i:05d}") is not None, i
         record = await store.get("m00299")
         assert record is not None and record.status is Status.QUEUED
-    finally:
-        await store.aclose()
 
 
 async def test_history_is_kept_once_a_later_call_returned_or_the_store_closed(
@@ -124,21 +131,13 @@ async def test_history_is_kept_once_a_later_call_returned_or_the_store_closed(
         db,
     )
     _kill_after(child, "read")
-    store = SqliteStorage(db)
-    await store.open()
-    try:
+    async with _opened(db) as store:
         for i in range(200):
             record = await store.get(f"m{i:05d}")
             assert record is not None and record.status is Status.SENT, i
         await store.insert_history([new("last", status=Status.SENT)])
-    finally:
-        await store.aclose()
-    store = SqliteStorage(db)
-    await store.open()
-    try:
+    async with _opened(db) as store:
         assert await store.get("last") is not None
-    finally:
-        await store.aclose()
 
 
 async def test_attempts_cut_by_a_crash_are_queued_again_at_open(tmp_path: Path) -> None:
@@ -154,9 +153,7 @@ async def test_attempts_cut_by_a_crash_are_queued_again_at_open(tmp_path: Path) 
         db,
     )
     _kill_after(child, "claimed")
-    store = SqliteStorage(db)
-    await store.open()
-    try:
+    async with _opened(db) as store:
         record = await store.get("m00001")
         assert record is not None and record.status is Status.QUEUED
         assert record.events[-1].status is Status.QUEUED
@@ -165,8 +162,6 @@ async def test_attempts_cut_by_a_crash_are_queued_again_at_open(tmp_path: Path) 
         claimed = await store.claim(now=time.time() + 1, limit=10, lease=60, owner="w")
         assert {c.id for c in claimed} == {"m00001", "m00002"}
         assert {c.attempts for c in claimed if c.id == "m00001"} == {2}
-    finally:
-        await store.aclose()
 
 
 async def test_a_corrupt_file_is_refused_by_name_and_left_alone(tmp_path: Path) -> None:
@@ -212,20 +207,14 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
 
 async def test_the_database_files_are_private(tmp_path: Path) -> None:
     db = tmp_path / FILE_NAME
-    store = SqliteStorage(db)
-    await store.open()
-    try:
+    async with _opened(db) as store:
         await store.insert([new("m")])
         for path in (db, Path(f"{db}-wal")):
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-    finally:
-        await store.aclose()
 
 
 async def test_a_full_disk_fails_the_write_and_keeps_nothing(tmp_path: Path) -> None:
-    store = SqliteStorage(tmp_path / FILE_NAME)
-    await store.open()
-    try:
+    async with _opened(tmp_path / FILE_NAME) as store:
         await store.insert([new("small")])
 
         def cap(tx: object) -> None:  # a database that cannot grow stands in for a full disk
@@ -242,15 +231,11 @@ async def test_a_full_disk_fails_the_write_and_keeps_nothing(tmp_path: Path) -> 
         assert "disk full" in str(results[0])
         assert await store.get("big") is None
         assert await store.get("small") is not None
-    finally:
-        await store.aclose()
 
 
 @pytest.mark.slow
 async def test_recipient_listing_stays_fast_with_100k_records(tmp_path: Path) -> None:
-    store = SqliteStorage(tmp_path / FILE_NAME)
-    await store.open()
-    try:
+    async with _opened(tmp_path / FILE_NAME) as store:
         batch = 2000
         for start in range(0, 100_000, batch):
             await store.insert(
@@ -283,5 +268,3 @@ async def test_recipient_listing_stays_fast_with_100k_records(tmp_path: Path) ->
                 assert len(page) == 50, query
         page = await store.list_messages(ListQuery(page_size=50, recipient="USER7@example.org"))
         assert [r.id for r in page[:2]] == ["m099007", "m098007"]
-    finally:
-        await store.aclose()
