@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from email.utils import getaddresses
 from typing import Any, TypeVar
 
@@ -123,6 +124,54 @@ def _recipient_keys(values: Sequence[str]) -> list[str]:
     return sorted(out)
 
 
+MAX_INSERT_FLUSHERS = 2  # insert transactions in flight at once
+MAX_INSERT_BATCH = 256  # insert calls per transaction
+
+
+@dataclass
+class _Insert:
+    """One insert() call waiting for its batch."""
+
+    rows: list[tuple[Any, ...]]
+    events: list[tuple[str, float, int, str, str]]
+    idempotency: tuple[str, str, str, bytes] | None
+    done: asyncio.Future[None]
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+def _message_row(m: NewMessage) -> tuple[Any, ...]:
+    pending = m.status in PENDING
+    return (
+        m.id,
+        m.caller,
+        int(m.status),
+        list(m.to),
+        list(m.cc),
+        list(m.bcc),
+        _recipient_keys((*m.to, *m.cc, *m.bcc)),
+        m.subject,
+        m.template_name,
+        m.transport,
+        m.message_id,
+        m.header_message_id,
+        m.create_time,
+        m.send_time,
+        m.send_time if pending else None,
+        list(m.suppressed),
+        m.payload if pending else None,
+        m.last_error,
+        m.last_error_reason,
+    )
+
+
 class PostgresStorage:
     """The Storage Protocol on PostgreSQL (asyncpg); see base.Storage for each method."""
 
@@ -141,6 +190,9 @@ class PostgresStorage:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._pool: asyncpg.Pool | None = None
+        self._inserts: list[_Insert] = []  # waiting for a flusher (see insert)
+        self._flushers = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         self._feed = EventFeed(
             url, self._where, connect_timeout=connect_timeout, listen_retry=listen_retry
         )
@@ -189,6 +241,8 @@ class PostgresStorage:
             raise
 
     async def aclose(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._feed.aclose()
         if self._pool is not None:
             pool, self._pool = self._pool, None
@@ -245,51 +299,72 @@ class PostgresStorage:
     ) -> None:
         if not messages:
             return
-        rows = [
-            (
-                m.id,
-                m.caller,
-                int(m.status),
-                list(m.to),
-                list(m.cc),
-                list(m.bcc),
-                _recipient_keys((*m.to, *m.cc, *m.bcc)),
-                m.subject,
-                m.template_name,
-                m.transport,
-                m.message_id,
-                m.header_message_id,
-                m.create_time,
-                m.send_time,
-                m.send_time if m.status in PENDING else None,
-                list(m.suppressed),
-                m.payload if m.status in PENDING else None,
-                m.last_error,
-                m.last_error_reason,
-            )
-            for m in messages
+        if self._pool is None:
+            raise StorageError("the PostgreSQL store is not open")
+        pending = _Insert(
+            rows=[_message_row(m) for m in messages],
+            events=[(m.id, m.create_time, int(m.status), m.detail, m.caller) for m in messages],
+            idempotency=idempotency,
+            done=asyncio.get_running_loop().create_future(),
+        )
+        self._inserts.append(pending)
+        if self._flushers < MAX_INSERT_FLUSHERS:
+            self._flushers += 1
+            task = asyncio.create_task(self._flush_inserts())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # Shielded: a caller that goes away leaves its write to finish with the others.
+        await asyncio.shield(pending.done)
+
+    async def _flush_inserts(self) -> None:
+        """Write the inserts queued meanwhile, together: one transaction (five round trips)
+        for all of them instead of one each; under load a batch grows while the one before
+        it commits, and alone an insert goes at once. A batch that fails is written again
+        insert by insert, so one bad insert fails only its own caller."""
+        try:
+            while self._inserts:
+                batch = self._inserts[:MAX_INSERT_BATCH]
+                del self._inserts[:MAX_INSERT_BATCH]
+                try:
+                    await self._write_inserts(batch)
+                except StorageError as exc:
+                    if len(batch) == 1:
+                        _settle(batch[0].done, exc)
+                        continue
+                    for one in batch:
+                        try:
+                            await self._write_inserts([one])
+                        except StorageError as alone:
+                            _settle(one.done, alone)
+                        else:
+                            _settle(one.done, None)
+                else:
+                    for one in batch:
+                        _settle(one.done, None)
+        finally:
+            self._flushers -= 1
+
+    async def _write_inserts(self, batch: list[_Insert]) -> None:
+        rows = [row for one in batch for row in one.rows]
+        events = [event for one in batch for event in one.events]
+        keys = [
+            (*one.idempotency, one.events[0][1] + IDEMPOTENCY_TTL)
+            for one in batch
+            if one.idempotency is not None
         ]
-        events = [(m.id, m.create_time, int(m.status), m.detail, m.caller) for m in messages]
 
         async def work(conn: Conn, retried: bool) -> None:
             # Ids are unique: after a lost reply, finding the first one means it committed.
-            if retried and await conn.fetchval(
-                "SELECT 1 FROM messages WHERE id = $1", messages[0].id
-            ):
+            if retried and await conn.fetchval("SELECT 1 FROM messages WHERE id = $1", rows[0][0]):
                 return
             async with conn.transaction():
                 await conn.executemany(_MESSAGE_INSERT, rows)
-                if idempotency is not None:
-                    caller, key, fingerprint, response = idempotency
-                    await conn.execute(
+                if keys:
+                    await conn.executemany(
                         "INSERT INTO idempotency (caller, key, fingerprint, response,"
                         " expire_time) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (caller, key)"
                         " DO UPDATE SET fingerprint = $3, response = $4, expire_time = $5",
-                        caller,
-                        key,
-                        fingerprint,
-                        response,
-                        messages[0].create_time + IDEMPOTENCY_TTL,
+                        keys,
                     )
                 await write_events(conn, events)
 
