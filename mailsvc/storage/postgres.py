@@ -138,6 +138,13 @@ class _Insert:
     done: asyncio.Future[None]
 
 
+async def _no_session_state(conn: asyncpg.Connection[Any]) -> None:
+    """The pool's reset at each release. Ours leave no session state behind (no SET, no LISTEN
+    on pooled connections, advisory locks per transaction or released), so asyncpg's reset
+    query, a round trip more per call, is not sent; asyncpg still rolls back a transaction
+    left open."""
+
+
 def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
     if done.done():
         return
@@ -208,6 +215,7 @@ class PostgresStorage:
                 max_size=self._pool_size,
                 timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
+                reset=_no_session_state,
             )
         except DB_ERRORS as exc:
             raise StorageOpenError(
