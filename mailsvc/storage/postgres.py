@@ -128,6 +128,10 @@ MAX_INSERT_FLUSHERS = 2  # insert transactions in flight at once
 MAX_INSERT_BATCH = 256  # insert calls per transaction
 
 
+class _DatabaseAway(StorageError):
+    """The database did not answer: every write of the moment fails alike."""
+
+
 @dataclass
 class _Insert:
     """One insert() call waiting for its batch."""
@@ -291,7 +295,7 @@ class PostgresStorage:
                 if retry and attempt == 0:
                     log.info("PostgreSQL connection lost (%s); retrying once", reason(exc))
                     continue
-                raise StorageError(
+                raise _DatabaseAway(
                     f"PostgreSQL at {self._where} is unavailable: {reason(exc)}"
                 ) from None
             except asyncpg.PostgresError as exc:
@@ -336,8 +340,10 @@ class PostgresStorage:
                 try:
                     await self._write_inserts(batch)
                 except StorageError as exc:
-                    if len(batch) == 1:
-                        _settle(batch[0].done, exc)
+                    if len(batch) == 1 or isinstance(exc, _DatabaseAway):
+                        # Written one by one they would fail alike, each after its timeout.
+                        for one in batch:
+                            _settle(one.done, exc)
                         continue
                     for one in batch:
                         try:
