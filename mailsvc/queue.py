@@ -97,7 +97,10 @@ class QueueWorkers:
 
     def wake(self) -> None:
         """Something may be due now (a mail was queued): look without waiting."""
-        self._wakeup.set()
+        # With every worker busy the dispatcher waits for one to end (_done wakes it), and
+        # looks then: waking it for each mail queued meanwhile would be work for nothing.
+        if len(self._in_flight) < self._workers:
+            self._wakeup.set()
 
     async def _sleep(self, seconds: float | None) -> None:
         timeout = MAX_SLEEP if seconds is None else min(max(seconds, 0.0), MAX_SLEEP)

@@ -86,14 +86,55 @@ async def test_insert_is_all_or_nothing(storage: Storage) -> None:
 async def test_a_failing_insert_does_not_take_concurrent_ones_down(storage: Storage) -> None:
     await storage.insert([new("dup")])
     results = await asyncio.gather(
+        storage.insert([new("keyed")], idempotency=("alice", "k", "fp", b"resp")),
         *(storage.insert([new(f"ok{i}")]) for i in range(20)),
         storage.insert([new("dup")]),
         return_exceptions=True,
     )
     assert isinstance(results[-1], Exception)
-    assert results[:-1] == [None] * 20
-    for i in range(20):
-        assert await storage.get(f"ok{i}") is not None
+    assert results[:-1] == [None] * 21
+    for id in ["keyed", *(f"ok{i}" for i in range(20))]:
+        assert await storage.get(id) is not None
+
+
+async def test_concurrent_inserts_keep_each_message_whole(storage: Storage) -> None:
+    # Inserts made together may share statements (the embedded store writes a batch's
+    # rows with a few multi-row INSERTs): each message keeps its own recipients, payload
+    # and event, whatever the sizes, with history and a keyed insert in between.
+    watch = storage.events()
+    sizes = [1, 3, 70, 2, 1, 130, 5]
+    groups = [
+        [
+            new(f"g{g}m{i:03d}", to=(f"r{g}-{i}@example.org",), payload=f"p{g}-{i}".encode())
+            for i in range(n)
+        ]
+        for g, n in enumerate(sizes)
+    ]
+    history = [new(f"h{i}", status=Status.SENT, to=(f"h{i}@example.org",)) for i in range(4)]
+    await asyncio.gather(
+        *(storage.insert(group) for group in groups[:3]),
+        storage.insert_history(history),
+        storage.insert([new("keyed")], idempotency=("alice", "k", "fp", b"resp")),
+        *(storage.insert(group) for group in groups[3:]),
+    )
+    queued = [m for group in groups for m in group]
+    for m in [*queued, *history]:
+        listed = await storage.list_messages(ListQuery(page_size=5, recipient=m.to[0]))
+        assert [r.id for r in listed] == [m.id]
+    claimed = await storage.claim(now=T0 + 100, limit=1000, lease=60, owner="w")
+    assert {c.id: c.payload for c in claimed} == {m.id: m.payload for m in queued} | {
+        "keyed": b"payload"
+    }
+    got = [await asyncio.wait_for(anext(watch), 5) for _ in range(len(queued) + 5)]
+    assert sorted((e.message_id, e.status, e.caller) for e in got) == sorted(
+        [(m.id, Status.QUEUED, "alice") for m in [*queued, new("keyed")]]
+        + [(m.id, Status.SENT, "alice") for m in history]
+    )
+    # Each insert's own events come in its order.
+    for group in groups:
+        mine = [e.message_id for e in got if e.message_id in {m.id for m in group}]
+        assert mine == [m.id for m in group]
+    await watch.aclose()  # type: ignore[attr-defined]
 
 
 async def test_history_is_seen_by_every_later_read_and_watch(storage: Storage) -> None:

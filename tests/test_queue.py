@@ -330,3 +330,23 @@ async def test_attempts_in_flight_are_bounded_by_workers(env_with: Any) -> None:
         assert peak == 2
     finally:
         await workers.aclose(5)
+
+
+async def test_mail_queued_while_every_worker_is_busy_goes_when_one_is_free(
+    env_with: Any,
+) -> None:
+    # wake() is a no-op while no worker is free: the attempt that ends must look instead
+    # (else the mail would wait for the dispatcher's 30 s poll).
+    env: Env = await env_with(SlowSink())
+    workers = env.workers(workers=1)
+    workers.start()
+    try:
+        await env.queue("m0")
+        workers.wake()
+        await env.until("m0", lambda r: r.status is Status.SENDING)
+        await env.queue("m1")
+        workers.wake()
+        assert (await env.until("m1", final, timeout=10)).status is Status.SENT
+        await _received(env.sink, 2)
+    finally:
+        await workers.aclose(5)

@@ -3,7 +3,10 @@
 Every statement runs on a dedicated thread that owns the connection, never on the event loop.
 Writes from many callers are committed together (group commit): the thread takes every job
 queued while the previous commit was syncing, runs each in a savepoint of one transaction and
-commits once; each caller's await returns only after that commit. WAL with synchronous=FULL:
+commits once; each caller's await returns only after that commit. Plain inserts next to each
+other in a batch share their statements (one multi-row INSERT per table): Python's sqlite3
+hands the GIL over at every statement, and waiting to get it back from the busy event loop
+was most of the thread's time (see _merged_inserts). WAL with synchronous=FULL:
 the WAL is fsynced at every commit, so an accepted mail survives kill -9 and power loss.
 One kind of write is exempt: the record of a mail already handed over (insert_history: a
 synchronous send without an idempotency key) is history, not a promise. Its caller does not wait
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -34,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -250,6 +255,8 @@ class _Job:
     fn: Callable[[Any], Any]  # takes a _Tx (writes) or a Connection (reads)
     write: bool
     future: asyncio.Future[Any] | None  # None: history, nobody waits (see the module docstring)
+    # Set when fn only inserts these records: such jobs in a row share their statements.
+    records: Sequence[NewMessage] | None = None
     outcome: tuple[bool, Any] = (False, None)  # (ok, result or exception)
     events: list[Event] = field(default_factory=list)
 
@@ -373,32 +380,14 @@ class SqliteStorage:
         alone = len(jobs) == 1
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job in jobs:
-                tx = _Tx(conn)
-                if not alone:
-                    conn.execute("SAVEPOINT job")
-                try:
-                    result = job.fn(tx)
-                except Exception as exc:
-                    if isinstance(exc, sqlite3.Error) and not isinstance(
-                        exc, sqlite3.IntegrityError
-                    ):
-                        raise  # the transaction itself may be gone: fail the batch
-                    # This caller's mistake (a duplicate id, a bad argument): only its job
-                    # is undone, the others in the batch are committed.
-                    if alone:
-                        conn.execute("ROLLBACK")
-                    else:
-                        conn.execute("ROLLBACK TO job")
-                        conn.execute("RELEASE job")
-                    if isinstance(exc, sqlite3.Error):
-                        exc = _storage_error("write", exc)
-                    job.outcome = (False, exc)
+            done = 0
+            while done < len(jobs):
+                merged = _merged_inserts(conn, jobs, done)
+                if merged:
+                    done += merged
                     continue
-                if not alone:
-                    conn.execute("RELEASE job")
-                job.outcome = (True, result)
-                job.events = tx.events
+                _write_one(conn, jobs[done], alone=alone)
+                done += 1
             if conn.in_transaction:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -416,10 +405,16 @@ class SqliteStorage:
             raise StorageError("the store is not open")
         return self._loop
 
-    async def _call(self, fn: Callable[[Any], T], *, write: bool) -> T:
+    async def _call(
+        self,
+        fn: Callable[[Any], T],
+        *,
+        write: bool,
+        records: Sequence[NewMessage] | None = None,
+    ) -> T:
         future: asyncio.Future[T] = self._check_open().create_future()
         self._hand_over_history()  # queued first, so this job sees them
-        self._jobs.put(_Job(fn, write, future))
+        self._jobs.put(_Job(fn, write, future, records))
         return await future
 
     def _hand_over_history(self) -> None:
@@ -428,7 +423,7 @@ class SqliteStorage:
             self._history_timer = None
         if self._history:
             records, self._history = self._history, []
-            self._jobs.put(_Job(self._inserting(records, None), True, None))
+            self._jobs.put(_Job(self._inserting(records, None), True, None, records))
 
     async def _reading(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._call(fn, write=False)
@@ -572,7 +567,9 @@ class SqliteStorage:
         *,
         idempotency: tuple[str, str, str, bytes] | None = None,
     ) -> None:
-        await self._writing(self._inserting(messages, idempotency))
+        _check_payloads(messages)
+        job = self._inserting(messages, idempotency)
+        await self._call(job, write=True, records=None if idempotency else messages)
 
     @staticmethod
     def _inserting(
@@ -580,51 +577,7 @@ class SqliteStorage:
     ) -> Callable[[_Tx], None]:
         def job(tx: _Tx) -> None:
             conn = tx.conn
-            for m in messages:
-                pending = m.status in PENDING
-                cursor = conn.execute(
-                    "INSERT INTO messages (id, caller, status, to_addrs, cc_addrs, bcc_addrs, "
-                    "subject, template_name, transport, message_id, header_message_id, "
-                    "create_time, send_time, update_time, next_attempt_time, due, attempts, "
-                    "last_error, last_error_reason, suppressed) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?)",
-                    (
-                        m.id,
-                        m.caller,
-                        int(m.status),
-                        _addrs(m.to),
-                        _addrs(m.cc),
-                        _addrs(m.bcc),
-                        m.subject,
-                        m.template_name,
-                        m.transport,
-                        m.message_id,
-                        m.header_message_id,
-                        m.create_time,
-                        m.send_time,
-                        m.create_time,
-                        m.send_time if pending else None,
-                        0 if pending else 1,
-                        m.last_error,
-                        m.last_error_reason,
-                        _addrs(m.suppressed),
-                    ),
-                )
-                seq = cursor.lastrowid
-                assert seq is not None
-                if pending:
-                    if m.payload is None:
-                        raise ValueError(f"message {m.id}: a pending message needs its payload")
-                    conn.execute("INSERT INTO payloads (seq, data) VALUES (?, ?)", (seq, m.payload))
-                conn.executemany(
-                    "INSERT OR IGNORE INTO recipients (address, create_time, id, seq) "
-                    "VALUES (?, ?, ?, ?)",
-                    [
-                        (a, m.create_time, m.id, seq)
-                        for a in _index_addresses((*m.to, *m.cc, *m.bcc))
-                    ],
-                )
-                tx.event(seq, m.id, m.caller, m.create_time, m.status, m.detail)
+            tx.events.extend(_insert_messages(conn, messages))
             if idempotency is not None:
                 caller, key, fp, response = idempotency
                 now = messages[0].create_time if messages else _now()
@@ -1041,6 +994,162 @@ class SqliteStorage:
 
     def events(self) -> Subscription[Event]:
         return self._hub.subscribe()
+
+
+def _write_one(conn: sqlite3.Connection, job: _Job, *, alone: bool) -> None:
+    """Run one write job of the open transaction; its own mistake undoes only it."""
+    tx = _Tx(conn)
+    if not alone:
+        conn.execute("SAVEPOINT job")
+    try:
+        result = job.fn(tx)
+    except Exception as exc:
+        if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+            raise  # the transaction itself may be gone: fail the batch
+        # This caller's mistake (a duplicate id, a bad argument): only its job is undone,
+        # the others in the batch are committed.
+        if alone:
+            conn.execute("ROLLBACK")
+        else:
+            conn.execute("ROLLBACK TO job")
+            conn.execute("RELEASE job")
+        if isinstance(exc, sqlite3.Error):
+            exc = _storage_error("write", exc)
+        job.outcome = (False, exc)
+        return
+    if not alone:
+        conn.execute("RELEASE job")
+    job.outcome = (True, result)
+    job.events = tx.events
+
+
+def _merged_inserts(conn: sqlite3.Connection, jobs: list[_Job], start: int) -> int:
+    """Insert the records of the plain-insert jobs from `start` on together; how many.
+
+    Python's sqlite3 hands the GIL over at every step of a statement, and the thread then
+    waits for the event loop to give it back: statements per job, not rows, were what the
+    store's thread spent its time on. 0 when fewer than two such jobs are in a row, or when
+    together they fail (a duplicate id): then each goes alone, and only the culprit fails.
+    """
+    end = start
+    while end < len(jobs) and jobs[end].records is not None:
+        end += 1
+    if end - start < 2:
+        return 0
+    run = jobs[start:end]
+    # First in its transaction, the run needs no savepoint: a rollback undoes just it.
+    first = start == 0
+    if not first:
+        conn.execute("SAVEPOINT merged")
+    try:
+        events = _insert_messages(conn, [m for job in run for m in job.records or ()])
+    except sqlite3.IntegrityError:
+        if first:
+            conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+        else:
+            conn.execute("ROLLBACK TO merged")
+            conn.execute("RELEASE merged")
+        return 0
+    if not first:
+        conn.execute("RELEASE merged")
+    for job in run:
+        count = len(job.records or ())
+        job.events, events = events[:count], events[count:]
+        job.outcome = (True, None)
+    return len(run)
+
+
+def _check_payloads(messages: Sequence[NewMessage]) -> None:
+    for m in messages:
+        if m.status in PENDING and m.payload is None:
+            raise ValueError(f"message {m.id}: a pending message needs its payload")
+
+
+def _insert_messages(conn: sqlite3.Connection, messages: Sequence[NewMessage]) -> list[Event]:
+    """Insert the records, their payloads, recipients and first events; their events."""
+    if not messages:
+        return []
+    # seq as SQLite would give it (max + 1), given here so the other rows can name it.
+    last = conn.execute("SELECT coalesce(max(seq), 0) FROM messages").fetchone()[0]
+    rows: list[tuple[Any, ...]] = []
+    payloads: list[tuple[int, bytes | None]] = []
+    recipients: list[tuple[str, float, str, int]] = []
+    event_rows: list[tuple[int, float, int, str]] = []
+    events: list[Event] = []
+    for seq, m in enumerate(messages, start=last + 1):
+        pending = m.status in PENDING
+        rows.append(
+            (
+                seq,
+                m.id,
+                m.caller,
+                int(m.status),
+                _addrs(m.to),
+                _addrs(m.cc),
+                _addrs(m.bcc),
+                m.subject,
+                m.template_name,
+                m.transport,
+                m.message_id,
+                m.header_message_id,
+                m.create_time,
+                m.send_time,
+                m.create_time,
+                m.send_time if pending else None,
+                0 if pending else 1,
+                m.last_error,
+                m.last_error_reason,
+                _addrs(m.suppressed),
+            )
+        )
+        if pending:
+            payloads.append((seq, m.payload))
+        recipients.extend(
+            (a, m.create_time, m.id, seq) for a in _index_addresses((*m.to, *m.cc, *m.bcc))
+        )
+        event_rows.append((seq, m.create_time, int(m.status), m.detail))
+        events.append(
+            Event(
+                message_id=m.id,
+                time=m.create_time,
+                status=m.status,
+                detail=m.detail,
+                caller=m.caller,
+            )
+        )
+    _insert_rows(
+        conn,
+        "INSERT INTO messages (seq, id, caller, status, to_addrs, cc_addrs, bcc_addrs, "
+        "subject, template_name, transport, message_id, header_message_id, create_time, "
+        "send_time, update_time, due, attempts, last_error, last_error_reason, suppressed)",
+        rows,
+    )
+    _insert_rows(conn, "INSERT INTO payloads (seq, data)", payloads)
+    _insert_rows(
+        conn, "INSERT OR IGNORE INTO recipients (address, create_time, id, seq)", recipients
+    )
+    _insert_rows(conn, "INSERT INTO events (message_seq, time, status, detail)", event_rows)
+    return events
+
+
+MAX_ROWS_PER_INSERT = 64  # statements of 1, 2, 4 ... 64 rows: a few shapes, all cached
+
+
+def _insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """INSERT the rows with as few statements as those shapes allow (one step each)."""
+    done = 0
+    while done < len(rows):
+        count = min(MAX_ROWS_PER_INSERT, 1 << ((len(rows) - done).bit_length() - 1))
+        chunk = rows[done : done + count]
+        conn.execute(_values(head, len(chunk[0]), count), list(chain.from_iterable(chunk)))
+        done += count
+
+
+@functools.cache
+def _values(head: str, width: int, count: int) -> str:
+    row = f"({', '.join('?' * width)})"
+    return f"{head} VALUES {', '.join([row] * count)}"
 
 
 def _add_event(
