@@ -27,7 +27,24 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
 
 
-class TextFormatter(logging.Formatter):
+class _TimeOnce(logging.Formatter):
+    """formatTime as logging's, with the date and time text made once per second."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:  # under the handler's lock: one thread at a time
+            self._text = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        msec_format = self.default_msec_format
+        return msec_format % (self._text, record.msecs) if msec_format else self._text
+
+
+class TextFormatter(_TimeOnce):
     """One record, one line: control characters in any logged value (a caller's name, say)
     are escaped, so no value can start a forged line. Tracebacks stay multi-line."""
 
@@ -100,15 +117,22 @@ class HoldingHandler(logging.StreamHandler[TextIO]):
                     self._size = 0
 
 
+class _JsonFormatter(_TimeOnce, JsonFormatter):
+    pass
+
+
 def configure(log_format: str, level: int = logging.INFO) -> None:
     # Neither format shows them, and finding them out costs a system call per record.
     logging.logProcesses = False
     logging.logThreads = False
     logging.logMultiprocessing = False
+    # Nor where the call was made: no walk up the stack per record (the logging HOWTO's
+    # "Optimization" names this switch).
+    logging._srcfile = None
     handler = HoldingHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(
-            JsonFormatter(
+            _JsonFormatter(
                 "%(asctime)s %(levelname)s %(name)s %(message)s",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )

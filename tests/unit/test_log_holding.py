@@ -6,7 +6,7 @@ import io
 import logging
 import time
 
-from mailsvc.logs import ACCESS_LOGGER, HoldingHandler, TextFormatter
+from mailsvc.logs import ACCESS_LOGGER, TEXT_FORMAT, HoldingHandler, TextFormatter
 
 
 def _logger(name: str, handler: logging.Handler) -> logging.Logger:
@@ -80,3 +80,14 @@ def test_a_logger_sees_the_same_lines_as_through_logging() -> None:
     handler = _handler(out, interval=60)
     _logger("plain", handler).info("caller=%s", "evil\nline")
     assert out.getvalue() == "INFO holding-test.plain caller=evil\\nline\n"
+
+
+def test_the_time_is_written_as_logging_writes_it() -> None:
+    # The date and time text is made once per second; each record still gets its own.
+    ours = TextFormatter(TEXT_FORMAT)
+    stdlib = logging.Formatter(TEXT_FORMAT)
+    for created in (1_750_000_000.001, 1_750_000_000.999, 1_750_000_001.0, 1_700_000_000.5):
+        record = _record("t", logging.INFO, "m")
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        assert ours.format(record) == stdlib.format(record)
