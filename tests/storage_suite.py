@@ -357,6 +357,24 @@ async def test_events_are_fanned_out_in_order(storage: Storage) -> None:
     await second.aclose()  # type: ignore[attr-defined]
 
 
+async def test_an_event_too_large_to_announce_reaches_watchers_whole(storage: Storage) -> None:
+    # PostgreSQL's NOTIFY takes 8000 bytes: such an event is announced by its seq, read back.
+    watch = storage.events()
+    await storage.insert([new("m")])
+    await storage.claim(now=T0, limit=1, lease=60, owner="w")
+    detail = "é" * 6000  # 12,000 bytes of UTF-8
+    error = Finish(status=Status.FAILED, error="refused", reason="X", detail=detail)
+    await storage.finish("m", error, owner="w", now=T0 + 1)
+    got = [await asyncio.wait_for(anext(watch), 5) for _ in range(3)]
+    assert [(e.message_id, e.status) for e in got] == [
+        ("m", Status.QUEUED),
+        ("m", Status.SENDING),
+        ("m", Status.FAILED),
+    ]
+    assert got[2].detail == detail and got[2].caller == "alice"
+    await watch.aclose()  # type: ignore[attr-defined]
+
+
 async def test_add_event_matches_the_transport_id_or_the_message_id_header(
     storage: Storage,
 ) -> None:

@@ -1,10 +1,11 @@
 """The change feed of the PostgreSQL store: event rows announced with NOTIFY in the
 transaction that writes them, and one LISTENing connection per process that fans them out.
 
-A NOTIFY payload is a JSON list of events ([seq, message_id, time, status, detail, caller]),
-split to stay under PostgreSQL's 8000-byte limit; an event too large alone is sent as [seq]
-and read back. After a lost connection the listener reconnects and replays, from the events
-table, the rows past the last seq it saw (best effort: seqs are not commit-ordered).
+A NOTIFY payload is a JSON list of events ([seq, message_id, time, status, detail, caller]);
+one over PostgreSQL's 8000-byte limit is sent as [seq] and read back. Each event is announced
+by the statement that writes it (`announcing`). After a lost connection the listener
+reconnects and replays, from the events table, the rows past the last seq it saw (best
+effort: seqs are not commit-ordered).
 """
 
 from __future__ import annotations
@@ -53,6 +54,26 @@ INSERT INTO events (message_id, time, status, detail, caller)
 SELECT * FROM unnest($1::text[], $2::float8[], $3::smallint[], $4::text[], $5::text[])
 RETURNING seq, message_id, time, status, detail, caller
 """
+_EVENT_COLUMNS = "ev.seq, ev.message_id, ev.time, ev.status, ev.detail, ev.caller"
+# The announcement of one event row: [[seq, message_id, time, status, detail, caller]], or
+# [[seq]] when that is over PostgreSQL's limit (listeners read the row back).
+_ANNOUNCEMENT = f"""
+pg_notify('{pg_schema.EVENTS_CHANNEL}', CASE
+    WHEN octet_length(json_build_array(json_build_array({_EVENT_COLUMNS}))::text)
+        <= {_NOTIFY_LIMIT}
+    THEN json_build_array(json_build_array({_EVENT_COLUMNS}))::text
+    ELSE json_build_array(json_build_array(ev.seq))::text END)
+"""
+
+
+def announcing(ctes: str, *, select: str = _EVENT_COLUMNS, join: str = "") -> str:
+    """A statement that writes and announces its event rows, in one round trip instead of a
+    transaction of several. `ctes`: WITH ..., the last one `ev`, an INSERT INTO events
+    RETURNING the event columns. It returns `select` FROM ev `join`, one row per event."""
+    return f"{ctes}\nSELECT {select}, {_ANNOUNCEMENT} AS announced FROM ev {join}"
+
+
+_ANNOUNCED_INSERT = announcing(f"WITH ev AS ({_EVENT_INSERT})", join="ORDER BY ev.seq")
 
 
 @dataclass(frozen=True)
@@ -95,26 +116,6 @@ def event_of(row: asyncpg.Record | Sequence[Any]) -> Event:
     )
 
 
-def _payloads(rows: Sequence[asyncpg.Record]) -> list[str]:
-    """NOTIFY payloads for these event rows: JSON lists of events, each under the limit;
-    an event too large alone is sent as its seq only, and listeners read it back."""
-    out: list[str] = []
-    chunk: list[str] = []
-    size = 2
-    for row in rows:
-        item = json.dumps([row[0], row[1], row[2], row[3], row[4], row[5]])
-        if len(item.encode()) > _NOTIFY_LIMIT - 2:
-            item = json.dumps([row[0]])
-        if size + len(item.encode()) + 1 > _NOTIFY_LIMIT and chunk:
-            out.append("[" + ",".join(chunk) + "]")
-            chunk, size = [], 2
-        chunk.append(item)
-        size += len(item.encode()) + 1
-    if chunk:
-        out.append("[" + ",".join(chunk) + "]")
-    return out
-
-
 async def close_listener(conn: Any) -> None:
     """Close a listening connection within 2 s, else drop it: the database may be away."""
     with contextlib.suppress(Exception):
@@ -131,17 +132,12 @@ async def write_events(
     if not events:
         return []
     rows = await conn.fetch(
-        _EVENT_INSERT,
+        _ANNOUNCED_INSERT,
         [e[0] for e in events],
         [e[1] for e in events],
         [e[2] for e in events],
         [e[3] for e in events],
         [e[4] for e in events],
-    )
-    await conn.execute(
-        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p",
-        pg_schema.EVENTS_CHANNEL,
-        _payloads(rows),
     )
     return [event_of(r) for r in rows]
 

@@ -42,6 +42,7 @@ from mailsvc.storage.pg_feed import (
     DB_ERRORS,
     Conn,
     EventFeed,
+    announcing,
     describe_url,
     event_of,
     reason,
@@ -66,29 +67,45 @@ INSERT INTO messages (id, caller, status, to_addrs, cc_addrs, bcc_addrs, rcpt, s
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $13, $15, $16, $17,
     $18, $19)
 """
-_CLAIM = """
+_CLAIM = announcing(
+    """
 WITH due AS (
     SELECT id FROM messages WHERE due_time <= $1
     ORDER BY due_time, id LIMIT $2
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE messages m SET status = 3, attempts = m.attempts + 1, lease_owner = $3,
+        lease_until = $4, due_time = $4, update_time = $1, next_attempt_time = NULL
+    FROM due WHERE m.id = due.id
+    RETURNING m.id, m.caller, m.payload, m.header_message_id, m.send_time, m.attempts,
+        m.lease_until, m.due_time
+), ev AS (
+    INSERT INTO events (message_id, time, status, detail, caller)
+    SELECT id, $1, 3, 'attempt ' || attempts, caller FROM claimed ORDER BY due_time, id
+    RETURNING seq, message_id, time, status, detail, caller
+)""",
+    select="c.id, c.caller, c.payload, c.header_message_id, c.send_time, c.attempts, "
+    "c.lease_until, c.due_time",
+    join="JOIN claimed c ON c.id = ev.message_id ORDER BY ev.seq",
 )
-UPDATE messages m SET status = 3, attempts = m.attempts + 1, lease_owner = $3,
-    lease_until = $4, due_time = $4, update_time = $1, next_attempt_time = NULL
-FROM due WHERE m.id = due.id
-RETURNING m.id, m.caller, m.payload, m.header_message_id, m.send_time, m.attempts,
-    m.lease_until, m.due_time
-"""
-_FINISH = """
-UPDATE messages SET status = $3::smallint, update_time = $4,
-    transport = CASE WHEN $5 <> '' THEN $5 ELSE transport END,
-    message_id = CASE WHEN $6 <> '' THEN $6 ELSE message_id END,
-    last_error = $7, last_error_reason = $8,
-    next_attempt_time = $9, due_time = $9,
-    payload = CASE WHEN $3::smallint IN (4, 6) THEN NULL ELSE payload END,
-    lease_owner = '', lease_until = NULL
-WHERE id = $1 AND status = 3 AND lease_owner = $2
-RETURNING caller
-"""
+_FINISH = announcing(
+    """
+WITH done AS (
+    UPDATE messages SET status = $3::smallint, update_time = $4,
+        transport = CASE WHEN $5 <> '' THEN $5 ELSE transport END,
+        message_id = CASE WHEN $6 <> '' THEN $6 ELSE message_id END,
+        last_error = $7, last_error_reason = $8,
+        next_attempt_time = $9, due_time = $9,
+        payload = CASE WHEN $3::smallint IN (4, 6) THEN NULL ELSE payload END,
+        lease_owner = '', lease_until = NULL
+    WHERE id = $1 AND status = 3 AND lease_owner = $2
+    RETURNING id, caller
+), ev AS (
+    INSERT INTO events (message_id, time, status, detail, caller)
+    SELECT id, $4, $3::smallint, $10, caller FROM done
+    RETURNING seq, message_id, time, status, detail, caller
+)"""
+)
 
 
 def _record(row: asyncpg.Record, events: tuple[Event, ...] = ()) -> MessageRecord:
@@ -391,16 +408,7 @@ class PostgresStorage:
 
     async def claim(self, *, now: float, limit: int, lease: float, owner: str) -> list[Claimed]:
         async def work(conn: Conn, retried: bool) -> list[Claimed]:
-            async with conn.transaction():
-                rows = await conn.fetch(_CLAIM, now, limit, owner, now + lease)
-                rows = sorted(rows, key=lambda r: (r["due_time"], r["id"]))
-                await write_events(
-                    conn,
-                    [
-                        (r["id"], now, int(Status.SENDING), f"attempt {r['attempts']}", r["caller"])
-                        for r in rows
-                    ],
-                )
+            rows = await conn.fetch(_CLAIM, now, limit, owner, now + lease)
             return [
                 Claimed(
                     id=r["id"],
@@ -414,8 +422,7 @@ class PostgresStorage:
                 for r in rows
             ]
 
-        claimed = await self._run(work, retry=False)
-        return claimed
+        return await self._run(work, retry=False)
 
     async def finish(self, id: str, outcome: Finish, *, owner: str, now: float) -> Event | None:
         if outcome.status not in (Status.SENT, Status.FAILED, Status.QUEUED):
@@ -425,25 +432,20 @@ class PostgresStorage:
         next_time = outcome.next_attempt_time if outcome.status == Status.QUEUED else None
 
         async def work(conn: Conn, retried: bool) -> Event | None:
-            async with conn.transaction():
-                caller = await conn.fetchval(
-                    _FINISH,
-                    id,
-                    owner,
-                    int(outcome.status),
-                    now,
-                    outcome.transport,
-                    outcome.message_id,
-                    outcome.error,
-                    outcome.reason,
-                    next_time,
-                )
-                if caller is None:
-                    return None
-                written = await write_events(
-                    conn, [(id, now, int(outcome.status), outcome.detail, caller)]
-                )
-            return written[0]
+            row = await conn.fetchrow(
+                _FINISH,
+                id,
+                owner,
+                int(outcome.status),
+                now,
+                outcome.transport,
+                outcome.message_id,
+                outcome.error,
+                outcome.reason,
+                next_time,
+                outcome.detail,
+            )
+            return None if row is None else event_of(row)
 
         # A retry after a lost commit finds the claim released and writes nothing.
         return await self._run(work, retry=True)

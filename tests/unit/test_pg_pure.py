@@ -1,39 +1,14 @@
-"""The PostgreSQL store's pure helpers: NOTIFY payload splitting, quota retry times, URLs."""
+"""The PostgreSQL store's pure helpers: quota retry times, URLs."""
 
 from __future__ import annotations
-
-import json
-from typing import Any
 
 import pytest
 
 from mailsvc.storage.base import StorageError
-from mailsvc.storage.pg_feed import describe_url, event_of
+from mailsvc.storage.pg_feed import describe_url
 from mailsvc.storage.postgres import _recipient_keys, _retry_after
 
 NOW = 1_800_000_000.0
-
-
-def _rows(n: int, detail: str) -> list[Any]:
-    return [(i, f"m{i}", NOW, 1, detail, "alice") for i in range(n)]
-
-
-def test_payloads_stay_under_the_limit_and_keep_every_event_in_order() -> None:
-    from mailsvc.storage.pg_feed import _payloads
-
-    rows = _rows(40, "x" * 900)
-    payloads = _payloads(rows)
-    assert len(payloads) > 1
-    assert all(len(p.encode()) <= 7900 for p in payloads)
-    items = [item for p in payloads for item in json.loads(p)]
-    assert [event_of(i).message_id for i in items] == [f"m{i}" for i in range(40)]
-
-
-def test_an_event_too_large_alone_is_sent_as_its_seq() -> None:
-    from mailsvc.storage.pg_feed import _payloads
-
-    payloads = _payloads([(7, "m", NOW, 1, "é" * 5000, "c")])  # type: ignore[list-item]
-    assert [json.loads(p) for p in payloads] == [[[7]]]
 
 
 def test_retry_after_minute_window() -> None:
