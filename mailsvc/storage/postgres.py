@@ -9,6 +9,7 @@ work twice; otherwise the call raises StorageError and the pool reconnects on th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -60,13 +61,46 @@ _MESSAGE_COLUMNS = (
     "message_id, create_time, send_time, update_time, next_attempt_time, attempts, "
     "last_error, last_error_reason, suppressed"
 )
-_MESSAGE_INSERT = """
-INSERT INTO messages (id, caller, status, to_addrs, cc_addrs, bcc_addrs, rcpt, subject,
-    template_name, transport, message_id, header_message_id, create_time, send_time,
-    update_time, due_time, suppressed, payload, last_error, last_error_reason)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $13, $15, $16, $17,
-    $18, $19)
-"""
+# Records, their idempotency keys and first events, announced: one statement, arrays in.
+# The text[] columns come as JSON lists (arrays of arrays cannot be unnested).
+_INSERT = announcing(
+    """
+WITH r AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::text[], $5::text[],
+        $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+        $12::text[], $13::float8[], $14::float8[], $15::float8[], $16::text[], $17::bytea[],
+        $18::text[], $19::text[], $20::text[])
+    WITH ORDINALITY AS r(id, caller, status, to_addrs, cc_addrs, bcc_addrs, rcpt, subject,
+        template_name, transport, message_id, header_message_id, create_time, send_time,
+        due_time, suppressed, payload, last_error, last_error_reason, detail, n)
+), m AS (
+    INSERT INTO messages (id, caller, status, to_addrs, cc_addrs, bcc_addrs, rcpt, subject,
+        template_name, transport, message_id, header_message_id, create_time, send_time,
+        update_time, due_time, suppressed, payload, last_error, last_error_reason)
+    SELECT id, caller, status,
+        ARRAY(SELECT json_array_elements_text(to_addrs::json)),
+        ARRAY(SELECT json_array_elements_text(cc_addrs::json)),
+        ARRAY(SELECT json_array_elements_text(bcc_addrs::json)),
+        ARRAY(SELECT json_array_elements_text(rcpt::json)),
+        subject, template_name, transport, message_id, header_message_id, create_time,
+        send_time, create_time, due_time,
+        ARRAY(SELECT json_array_elements_text(suppressed::json)),
+        payload, last_error, last_error_reason
+    FROM r
+    RETURNING id
+), k AS (
+    INSERT INTO idempotency (caller, key, fingerprint, response, expire_time)
+    SELECT * FROM unnest($21::text[], $22::text[], $23::text[], $24::bytea[], $25::float8[])
+    ON CONFLICT (caller, key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint,
+        response = EXCLUDED.response, expire_time = EXCLUDED.expire_time
+), ev AS (
+    INSERT INTO events (message_id, time, status, detail, caller)
+    SELECT r.id, r.create_time, r.status, r.detail, r.caller FROM r JOIN m USING (id)
+    ORDER BY r.n
+    RETURNING seq, message_id, time, status, detail, caller
+)""",
+    join="ORDER BY ev.seq",
+)
 _CLAIM = announcing(
     """
 WITH due AS (
@@ -153,8 +187,7 @@ class _DatabaseAway(StorageError):
 class _Insert:
     """One insert() call waiting for its batch."""
 
-    rows: list[tuple[Any, ...]]
-    events: list[tuple[str, float, int, str, str]]
+    messages: Sequence[NewMessage]
     idempotency: tuple[str, str, str, bytes] | None
     done: asyncio.Future[None]
 
@@ -175,29 +208,41 @@ def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
         done.set_exception(error)
 
 
-def _message_row(m: NewMessage) -> tuple[Any, ...]:
-    pending = m.status in PENDING
-    return (
-        m.id,
-        m.caller,
-        int(m.status),
-        list(m.to),
-        list(m.cc),
-        list(m.bcc),
-        _recipient_keys((*m.to, *m.cc, *m.bcc)),
-        m.subject,
-        m.template_name,
-        m.transport,
-        m.message_id,
-        m.header_message_id,
-        m.create_time,
-        m.send_time,
-        m.send_time if pending else None,
-        list(m.suppressed),
-        m.payload if pending else None,
-        m.last_error,
-        m.last_error_reason,
-    )
+def _insert_args(batch: list[_Insert]) -> list[list[Any]]:
+    """The 25 arrays of _INSERT for these insert calls."""
+    messages = [m for one in batch for m in one.messages]
+    keys = [
+        (*one.idempotency, one.messages[0].create_time + IDEMPOTENCY_TTL)
+        for one in batch
+        if one.idempotency is not None
+    ]
+    return [
+        [m.id for m in messages],
+        [m.caller for m in messages],
+        [int(m.status) for m in messages],
+        [_json(m.to) for m in messages],
+        [_json(m.cc) for m in messages],
+        [_json(m.bcc) for m in messages],
+        [_json(_recipient_keys((*m.to, *m.cc, *m.bcc))) for m in messages],
+        [m.subject for m in messages],
+        [m.template_name for m in messages],
+        [m.transport for m in messages],
+        [m.message_id for m in messages],
+        [m.header_message_id for m in messages],
+        [m.create_time for m in messages],
+        [m.send_time for m in messages],
+        [m.send_time if m.status in PENDING else None for m in messages],
+        [_json(m.suppressed) for m in messages],
+        [m.payload if m.status in PENDING else None for m in messages],
+        [m.last_error for m in messages],
+        [m.last_error_reason for m in messages],
+        [m.detail for m in messages],
+        *([list(column) for column in zip(*keys, strict=True)] if keys else [[]] * 5),
+    ]
+
+
+def _json(values: Sequence[str]) -> str:
+    return json.dumps(list(values), ensure_ascii=False)
 
 
 class PostgresStorage:
@@ -331,8 +376,7 @@ class PostgresStorage:
         if self._pool is None:
             raise StorageError("the PostgreSQL store is not open")
         pending = _Insert(
-            rows=[_message_row(m) for m in messages],
-            events=[(m.id, m.create_time, int(m.status), m.detail, m.caller) for m in messages],
+            messages=messages,
             idempotency=idempotency,
             done=asyncio.get_running_loop().create_future(),
         )
@@ -376,28 +420,14 @@ class PostgresStorage:
             self._flushers -= 1
 
     async def _write_inserts(self, batch: list[_Insert]) -> None:
-        rows = [row for one in batch for row in one.rows]
-        events = [event for one in batch for event in one.events]
-        keys = [
-            (*one.idempotency, one.events[0][1] + IDEMPOTENCY_TTL)
-            for one in batch
-            if one.idempotency is not None
-        ]
+        args = _insert_args(batch)
+        first = args[0][0]
 
         async def work(conn: Conn, retried: bool) -> None:
             # Ids are unique: after a lost reply, finding the first one means it committed.
-            if retried and await conn.fetchval("SELECT 1 FROM messages WHERE id = $1", rows[0][0]):
+            if retried and await conn.fetchval("SELECT 1 FROM messages WHERE id = $1", first):
                 return
-            async with conn.transaction():
-                await conn.executemany(_MESSAGE_INSERT, rows)
-                if keys:
-                    await conn.executemany(
-                        "INSERT INTO idempotency (caller, key, fingerprint, response,"
-                        " expire_time) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (caller, key)"
-                        " DO UPDATE SET fingerprint = $3, response = $4, expire_time = $5",
-                        keys,
-                    )
-                await write_events(conn, events)
+            await conn.fetch(_INSERT, *args)
 
         await self._run(work, retry=True)
 
