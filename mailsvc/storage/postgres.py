@@ -390,8 +390,8 @@ class PostgresStorage:
         await asyncio.shield(pending.done)
 
     async def _flush_inserts(self) -> None:
-        """Write the inserts queued meanwhile, together: one transaction (five round trips)
-        for all of them instead of one each; under load a batch grows while the one before
+        """Write the inserts queued meanwhile, together: one statement (one round trip) for
+        all of them instead of one each; under load a batch grows while the one before
         it commits, and alone an insert goes at once. A batch that fails is written again
         insert by insert, so one bad insert fails only its own caller."""
         try:
