@@ -353,6 +353,7 @@ async def test_events_are_fanned_out_in_order(storage: Storage) -> None:
             ("m", Status.SENT),
         ]
         assert got[0].caller == "alice"
+        assert [type(e.time) for e in got] == [float] * 3 and got[0].time == T0
     await first.aclose()  # type: ignore[attr-defined]
     await second.aclose()  # type: ignore[attr-defined]
 

@@ -111,8 +111,9 @@ def reason(exc: BaseException) -> str:
 
 
 def event_of(row: asyncpg.Record | Sequence[Any]) -> Event:
+    # float(): PostgreSQL's JSON writes a whole float8 as an integer.
     return Event(
-        message_id=row[1], time=row[2], status=Status(row[3]), detail=row[4], caller=row[5]
+        message_id=row[1], time=float(row[2]), status=Status(row[3]), detail=row[4], caller=row[5]
     )
 
 
