@@ -1034,13 +1034,9 @@ def _write_one(conn: sqlite3.Connection, job: _Job, *, alone: bool) -> None:
 
 
 def _merged_inserts(conn: sqlite3.Connection, jobs: list[_Job], start: int) -> int:
-    """Insert the records of the plain-insert jobs from `start` on together; how many.
-
-    Python's sqlite3 hands the GIL over at every step of a statement, and the thread then
-    waits for the event loop to give it back: statements per job, not rows, were what the
-    store's thread spent its time on. 0 when fewer than two such jobs are in a row, or when
-    together they fail (a duplicate id): then each goes alone, and only the culprit fails.
-    """
+    """Insert the records of the plain-insert jobs from `start` on together (why: the module
+    docstring); how many. 0 when fewer than two such jobs are in a row, or when together
+    they fail (a duplicate id): then each goes alone, and only the culprit fails."""
     end = start
     while end < len(jobs) and jobs[end].records is not None:
         end += 1
